@@ -1,0 +1,250 @@
+"""Benchmark harness shared by every op's script in benchmarks/.
+
+In ONE process: measure the device's own ceilings (a large bf16 matmul, a large
+device-to-device copy), then time every contender on the same inputs (median of CUDA-event
+timings after warm-up, via ``triton.testing.do_bench``), record peak memory, achieved GB/s
+and TFLOP/s against the op's minimal traffic and FLOPs, the percentage of the measured
+ceiling, and the speed-up of the first contender over every other. Results go to
+``benchmarks/results/<gpu>/<op>.json`` with a markdown table and a PNG plot.
+
+``--smoke`` runs tiny sizes on the CPU (CI keeps the scripts alive that way); its numbers
+mean nothing and are written to a temporary directory unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class Contender:
+    name: str
+    fn: Callable[[], object]
+
+
+@dataclass
+class Case:
+    """One input shape: its contenders (the first is the one the ratios are about), and the
+    bytes and FLOPs the op must move and do at minimum."""
+
+    name: str
+    contenders: list[Contender]
+    min_bytes: int = 0
+    min_flops: int = 0
+    params: dict = field(default_factory=dict)
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")
+    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders")
+    return parser.parse_args()
+
+
+def benchmark_device(smoke: bool) -> torch.device:
+    if smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks need a CUDA device; use --smoke to exercise them on the CPU")
+    return torch.device("cuda")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds per call after warm-up."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated during one call, beyond what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure_ceilings(device: torch.device, smoke: bool) -> dict:
+    """The device's own bf16 matmul TFLOP/s and device-to-device copy GB/s."""
+    n = 256 if smoke else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    matmul_ms = time_ms(lambda: a @ b, device)
+    copy_elements = (1 << 16) if smoke else (1 << 28)  # 1 GiB of float32 on a GPU
+    src = torch.empty(copy_elements, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    return {
+        "bf16_matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "copy_gbps": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9,  # read + write
+        "matmul_size": n,
+        "copy_bytes": src.numel() * 4,
+    }
+
+
+def run_case(case: Case, device: torch.device, ceilings: dict) -> dict:
+    rows = []
+    for contender in case.contenders:
+        try:
+            contender.fn()  # compile, autotune, catch failures before timing
+            ms = time_ms(contender.fn, device)
+            memory = peak_memory_bytes(contender.fn, device)
+        except Exception as error:  # a contender that cannot run is reported, not fatal
+            rows.append({"contender": contender.name, "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        row = {"contender": contender.name, "median_ms": ms, "peak_memory_bytes": memory}
+        if case.min_bytes:
+            row["gbps"] = case.min_bytes / (ms * 1e-3) / 1e9
+            row["pct_copy_ceiling"] = 100 * row["gbps"] / ceilings["copy_gbps"]
+        if case.min_flops:
+            row["tflops"] = case.min_flops / (ms * 1e-3) / 1e12
+            row["pct_matmul_ceiling"] = 100 * row["tflops"] / ceilings["bf16_matmul_tflops"]
+        rows.append(row)
+    first = rows[0].get("median_ms")
+    for row in rows[1:]:
+        if first and "median_ms" in row:
+            row["speedup_of_first"] = row["median_ms"] / first
+    return {"case": case.name, "params": case.params, "min_bytes": case.min_bytes,
+            "min_flops": case.min_flops, "results": rows}
+
+
+def metadata(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    triton_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        pass
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def results_dir(args: argparse.Namespace, meta: dict) -> Path:
+    if args.out is None and args.smoke:
+        return Path(tempfile.mkdtemp(prefix="fastssl-bench-smoke-"))
+    root = args.out or DEFAULT_RESULTS
+    folder = meta["device"].replace("NVIDIA ", "").replace(" ", "-") if not args.smoke else "smoke-cpu"
+    return root / folder
+
+
+def _format_bytes(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def markdown_table(op: str, meta: dict, ceilings: dict, cases: list[dict]) -> str:
+    lines = [
+        f"# {op} on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}.",
+        f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
+        f"device copy {ceilings['copy_gbps']:.0f} GB/s.",
+        "",
+        "| case | contender | median ms | GB/s (min bytes) | % of copy | peak memory | first is x faster |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        for row in case["results"]:
+            if "error" in row:
+                lines.append(f"| {case['case']} | {row['contender']} | failed: {row['error']} | | | | |")
+                continue
+            gbps = f"{row['gbps']:.0f}" if "gbps" in row else "-"
+            pct = f"{row['pct_copy_ceiling']:.0f}%" if "pct_copy_ceiling" in row else "-"
+            speedup = f"{row['speedup_of_first']:.2f}x" if "speedup_of_first" in row else ""
+            lines.append(
+                f"| {case['case']} | {row['contender']} | {row['median_ms']:.4f} | {gbps} | {pct} | "
+                f"{_format_bytes(row['peak_memory_bytes'])} | {speedup} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(op: str, cases: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["contender"] for row in cases[0]["results"]]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    for i, name in enumerate(names):
+        times = []
+        for case in cases:
+            row = next((r for r in case["results"] if r["contender"] == name), {})
+            times.append(row.get("median_ms", math.nan))
+        ax.bar([c + i * width for c in range(len(cases))], times, width, label=name)
+    ax.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
+    ax.set_xticklabels([case["case"] for case in cases], rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log scale)")
+    ax.set_title(op)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_benchmark(op: str, args: argparse.Namespace, make_cases: Callable[[torch.device, bool], list[Case]]) -> Path:
+    """Measure ceilings, run every case, write ``<op>.json``, ``<op>.md`` and ``<op>.png``."""
+    device = benchmark_device(args.smoke)
+    meta = metadata(device)
+    ceilings = measure_ceilings(device, args.smoke)
+    cases = []
+    for case in make_cases(device, args.smoke):
+        cases.append(run_case(case, device, ceilings))
+        print("\n".join(markdown_table(op, meta, ceilings, cases[-1:]).splitlines()[-len(case.contenders):]))
+    out = results_dir(args, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"op": op, **meta, "ceilings": ceilings, "smoke": args.smoke, "cases": cases}
+    (out / f"{op}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out / f"{op}.md").write_text(markdown_table(op, meta, ceilings, cases))
+    plot(op, cases, out / f"{op}.png")
+    print(f"wrote {out / op}.json/.md/.png")
+    return out
+
+
+def compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
+    """``torch.compile(fn)`` unless --no-compile; None when skipped."""
+    if args.no_compile:
+        return None
+    return torch.compile(fn)

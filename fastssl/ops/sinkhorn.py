@@ -1,0 +1,397 @@
+"""Sinkhorn-Knopp equipartition (SwAV, DINOv2, Time-Tuning, DoRA): Triton kernels, custom op,
+functional API.
+
+Algorithm (see :mod:`fastssl.reference.sinkhorn` for why it equals SwAV's function): with
+``x = S * log2(e) / eps`` the kernels keep two log2 scaling vectors in float32 and never
+rewrite the (B, K) matrix until the end::
+
+    lse_b = 0
+    repeat n_iters:
+        lse_k[k] = log2sumexp2_b(x[b,k] - lse_b[b])   # prototype half-iteration (all-reduced)
+        lse_b[b] = log2sumexp2_k(x[b,k] - lse_k[k])   # sample half-iteration (local)
+    Q[b,k] = exp2(x[b,k] - lse_k[k] - lse_b[b])
+
+Every reduction is an online (running max, rescaled sum) log-sum-exp, so no ``exp`` sees a
+positive argument: finite for any finite scores and eps, and equal to the original wherever
+the original is finite.
+
+Kernels and memory traffic for a (B, K) problem whose scores have ``e`` bytes per element:
+
+- ``_sinkhorn_single_tile_kernel``: the whole problem in registers (B_pad * K_pad <= 8192),
+  one program per problem, all iterations on chip: reads ``B*K*e`` once and writes ``4*B*K``.
+  For DoRA-like batches of small problems, where launches would dominate. It iterates in
+  the linear domain when the exponents' spread allows (see the kernel).
+- ``_partial_logsumexp_kernel``: one half-iteration. Programs tile the kept axis and split
+  the reduced axis (tiles of BLOCK_REDUCE x BLOCK_KEEP) so that about four programs run per
+  SM; each writes one float per kept index and split. Reads ``B*K*e`` once; the partials
+  (n_splits * kept floats) are merged by the same kernel run over the split axis.
+- ``_write_assignments_kernel``: reads ``B*K*e`` and writes Q (``4*B*K`` bytes). When a row
+  fits one tile (K_pad <= 16384) it also performs the last sample half-iteration in
+  registers, so that half-iteration costs no extra read.
+
+Total: ``2*n_iters`` reads of the scores and one write of Q (one extra read when
+K > 16384), against ``~6*n_iters`` read+write passes of the fp32 matrix in the original.
+FLOPs are negligible (about 4 per element per pass, one ``exp2`` among them): the op is
+bandwidth-bound and measured against the device's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
+from fastssl.backend import Reason, select_backend
+from fastssl.distributed import (
+    ProcessGroup,
+    all_reduce_logsumexp,
+    group_from_name,
+    group_name,
+    resolve_group,
+)
+from fastssl.reference.sinkhorn import sinkhorn_knopp_log_domain
+
+LOG2_E = 1.4426950408889634
+SINGLE_TILE_MAX_ELEMENTS = 8192
+ROW_TILE_MAX_ELEMENTS = 16384
+TILE_ELEMENTS = 4096
+LINEAR_DOMAIN_MAX_SPREAD = tl.constexpr(100.0)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _masked_log2sumexp2(x, mask, axis: tl.constexpr):
+    """log2(sum(exp2(x))) along ``axis`` over the entries where ``mask`` holds; -inf if none."""
+    x = tl.where(mask, x, float("-inf"))
+    row_max = tl.max(x, axis=axis)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(tl.exp2(x - tl.expand_dims(shift, axis)), axis=axis)
+    return shift + tl.log2(total)
+
+
+@triton.jit
+def _sinkhorn_single_tile_kernel(
+    scores_ptr, q_ptr, lse_b_ptr,
+    B, K,
+    stride_sp, stride_sb, stride_sk,
+    scale, n_iters,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """All Sinkhorn iterations of one problem (program_id 0) with the tile in registers.
+
+    When the tile's exponents span less than LINEAR_DOMAIN_MAX_SPREAD (in log2 units),
+    exp2(x - max) cannot underflow to zero nor the normalized matrix overflow, so the
+    iterations run in the linear domain like the original, whose per-step rounding is
+    relative (about 2**-24) rather than relative to |x| as in the log domain: this matters
+    for the many-iteration problems (DoRA: 30) that this kernel serves. Wider spreads fall
+    back to the log domain. ``lse_b`` is stored for the finiteness check.
+    """
+    problem = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < B) & (cols[None, :] < K)
+    offsets = rows[:, None] * stride_sb + cols[None, :] * stride_sk
+    x = tl.load(scores_ptr + problem * stride_sp + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = x * scale
+
+    x_max = tl.max(tl.where(mask, x, float("-inf")))
+    x_min = tl.min(tl.where(mask, x, float("inf")))
+    if x_max - x_min < LINEAR_DOMAIN_MAX_SPREAD:
+        q = tl.where(mask, tl.exp2(x - x_max), 0.0)
+        row_sums = tl.sum(q, axis=1)
+        for _ in range(n_iters):
+            q = q / tl.where(mask, tl.sum(q, axis=0)[None, :], 1.0)
+            row_sums = tl.sum(q, axis=1)
+            q = q / tl.where(mask, row_sums[:, None], 1.0)
+        lse_b = tl.log2(row_sums)
+    else:
+        lse_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        lse_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for _ in range(n_iters):
+            lse_k = _masked_log2sumexp2(x - lse_b[:, None], mask, 0)
+            lse_b = _masked_log2sumexp2(x - lse_k[None, :], mask, 1)
+        q = tl.exp2(x - lse_k[None, :] - lse_b[:, None])
+
+    out = problem * B * K + rows[:, None] * K + cols[None, :]
+    tl.store(q_ptr + out, q, mask=mask)
+    tl.store(lse_b_ptr + problem * B + rows, lse_b, mask=rows < B)
+
+
+@triton.jit
+def _partial_logsumexp_kernel(
+    values_ptr, other_lse_ptr, out_ptr,
+    n_keep, n_reduce, n_keep_blocks,
+    stride_vp, stride_vr, stride_vk,
+    scale, reduce_per_split,
+    HAS_OTHER: tl.constexpr, BLOCK_REDUCE: tl.constexpr, BLOCK_KEEP: tl.constexpr,
+):
+    """out[p, split, j] = log2sumexp2 over r in the split of (v[p, r, j] * scale - other[p, r]).
+
+    The reduced and kept axes are given by strides, so one kernel serves the prototype
+    half-iteration (reduce over samples), the sample half-iteration (reduce over prototypes)
+    and the merge of per-split partials (reduce over splits, scale 1, no ``other``).
+    Grid: (n_keep_blocks * n_problems, n_splits). ``out`` is (n_problems, n_splits, n_keep).
+    Online log-sum-exp: a running max per kept index and a sum rescaled when it grows.
+    """
+    keep_block = tl.program_id(0) % n_keep_blocks
+    problem = (tl.program_id(0) // n_keep_blocks).to(tl.int64)
+    split = tl.program_id(1)
+
+    keep = keep_block * BLOCK_KEEP + tl.arange(0, BLOCK_KEEP)
+    keep_mask = keep < n_keep
+    base = values_ptr + problem * stride_vp + keep[None, :].to(tl.int64) * stride_vk
+
+    running_max = tl.full([BLOCK_KEEP], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_KEEP], dtype=tl.float32)
+    start = split * reduce_per_split
+    end = tl.minimum(start + reduce_per_split, n_reduce)
+    for r0 in range(start, end, BLOCK_REDUCE):
+        r = r0 + tl.arange(0, BLOCK_REDUCE)
+        r_mask = r < end
+        mask = r_mask[:, None] & keep_mask[None, :]
+        v = tl.load(base + r[:, None].to(tl.int64) * stride_vr, mask=mask, other=0.0)
+        x = v.to(tl.float32) * scale
+        if HAS_OTHER:
+            other = tl.load(other_lse_ptr + problem * n_reduce + r, mask=r_mask, other=0.0)
+            x = x - other[:, None]
+        x = tl.where(mask, x, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(
+            tl.exp2(x - shift[None, :]), axis=0
+        )
+        running_max = new_max
+
+    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    out = out_ptr + (problem * tl.num_programs(1) + split) * n_keep + keep
+    tl.store(out, shift + tl.log2(running_sum), mask=keep_mask)
+
+
+@triton.jit
+def _write_assignments_kernel(
+    scores_ptr, lse_k_ptr, lse_b_ptr, q_ptr,
+    B, K, n_row_blocks,
+    stride_sp, stride_sb, stride_sk,
+    scale,
+    ROW_IN_ONE_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Q[p, b, k] = exp2(x - lse_k[p, k] - lse_b[p, b]) for one BLOCK_B x BLOCK_K tile.
+
+    With ROW_IN_ONE_TILE (BLOCK_K >= K) the tile holds whole rows, so the last sample
+    half-iteration happens here: lse_b is computed from the tile and stored, not loaded.
+    Grid: (n_row_blocks * n_problems, cdiv(K, BLOCK_K)).
+    """
+    row_block = tl.program_id(0) % n_row_blocks
+    problem = (tl.program_id(0) // n_row_blocks).to(tl.int64)
+    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < B
+    col_mask = cols < K
+    mask = row_mask[:, None] & col_mask[None, :]
+
+    offsets = rows[:, None].to(tl.int64) * stride_sb + cols[None, :].to(tl.int64) * stride_sk
+    s = tl.load(scores_ptr + problem * stride_sp + offsets, mask=mask, other=0.0)
+    lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=col_mask, other=0.0)
+    x = s.to(tl.float32) * scale - lse_k[None, :]
+    if ROW_IN_ONE_TILE:
+        lse_b = _masked_log2sumexp2(x, mask, 1)
+        tl.store(lse_b_ptr + problem * B + rows, lse_b, mask=row_mask)
+    else:
+        lse_b = tl.load(lse_b_ptr + problem * B + rows, mask=row_mask, other=0.0)
+    q = tl.exp2(x - lse_b[:, None])
+    out = problem * B * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    tl.store(q_ptr + out, q, mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _num_warps(tile_elements: int) -> int:
+    return 4 if tile_elements <= 2048 else 8 if tile_elements <= 8192 else 16
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for per launch: a few waves on a GPU, few under the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _logsumexp_reduce(
+    values: torch.Tensor,
+    reduce_dim: int,
+    other_lse: torch.Tensor | None,
+    scale: float,
+    block_reduce: int,
+    block_keep: int,
+) -> torch.Tensor:
+    """log2sumexp2 of ``values * scale - other_lse`` over ``reduce_dim`` (1 or 2) of a 3-D
+    (problems, d1, d2) tensor, as float32 (problems, kept length). Splits the reduced axis
+    when the kept axis alone gives too few programs, then merges the splits."""
+    n_problems = values.shape[0]
+    keep_dim = 3 - reduce_dim
+    n_keep, n_reduce = values.shape[keep_dim], values.shape[reduce_dim]
+    block_reduce = min(block_reduce, triton.next_power_of_2(n_reduce))
+    block_keep = min(block_keep, triton.next_power_of_2(n_keep))
+    n_keep_blocks = triton.cdiv(n_keep, block_keep)
+    reduce_blocks = triton.cdiv(n_reduce, block_reduce)
+    wanted = triton.cdiv(_target_programs(values.device), n_keep_blocks * n_problems)
+    n_splits = max(1, min(reduce_blocks, wanted))
+    reduce_per_split = triton.cdiv(reduce_blocks, n_splits) * block_reduce
+    n_splits = triton.cdiv(n_reduce, reduce_per_split)
+
+    out = torch.empty((n_problems, n_splits, n_keep), device=values.device, dtype=torch.float32)
+    _partial_logsumexp_kernel[(n_keep_blocks * n_problems, n_splits)](
+        values, other_lse, out,
+        n_keep, n_reduce, n_keep_blocks,
+        values.stride(0), values.stride(reduce_dim), values.stride(keep_dim),
+        scale, reduce_per_split,
+        HAS_OTHER=other_lse is not None,
+        BLOCK_REDUCE=block_reduce, BLOCK_KEEP=block_keep,
+        num_warps=_num_warps(block_reduce * block_keep),
+    )
+    if n_splits == 1:
+        return out.view(n_problems, n_keep)
+    return _logsumexp_reduce(out, 1, None, 1.0, block_reduce=64, block_keep=64)
+
+
+def _prototype_half_iteration(scores, lse_b, scale, group):
+    lse_k = _logsumexp_reduce(scores, 1, lse_b, scale, block_reduce=32, block_keep=128)
+    return all_reduce_logsumexp(lse_k, group, base2=True)
+
+
+def _sample_half_iteration(scores, lse_k, scale):
+    return _logsumexp_reduce(scores, 2, lse_k, scale, block_reduce=512, block_keep=8)
+
+
+def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int, group: ProcessGroup):
+    """Launch the kernels on a (problems, B, K) tensor. Returns (Q float32, lse_b float32)."""
+    n_problems, B, K = scores.shape
+    scale = LOG2_E / eps
+    q = torch.empty((n_problems, B, K), device=scores.device, dtype=torch.float32)
+    strides = scores.stride()
+    block_b, block_k = triton.next_power_of_2(B), triton.next_power_of_2(K)
+
+    if group is None and block_b * block_k <= SINGLE_TILE_MAX_ELEMENTS:
+        lse_b = torch.empty((n_problems, B), device=scores.device, dtype=torch.float32)
+        _sinkhorn_single_tile_kernel[(n_problems,)](
+            scores, q, lse_b, B, K, *strides, scale, n_iters,
+            BLOCK_B=block_b, BLOCK_K=block_k, num_warps=_num_warps(block_b * block_k),
+        )
+        return q, lse_b
+
+    row_in_one_tile = block_k <= ROW_TILE_MAX_ELEMENTS
+    lse_b = torch.zeros((n_problems, B), device=scores.device, dtype=torch.float32)
+    for iteration in range(n_iters):
+        lse_k = _prototype_half_iteration(scores, lse_b, scale, group)
+        if iteration < n_iters - 1 or not row_in_one_tile:
+            lse_b = _sample_half_iteration(scores, lse_k, scale)
+
+    if row_in_one_tile:
+        rows_per_tile = max(1, min(TILE_ELEMENTS // block_k, block_b))
+        tile_k = block_k
+    else:
+        rows_per_tile, tile_k = 4, 1024
+    n_row_blocks = triton.cdiv(B, rows_per_tile)
+    _write_assignments_kernel[(n_row_blocks * n_problems, triton.cdiv(K, tile_k))](
+        scores, lse_k, lse_b, q, B, K, n_row_blocks, *strides, scale,
+        ROW_IN_ONE_TILE=row_in_one_tile, BLOCK_B=rows_per_tile, BLOCK_K=tile_k,
+        num_warps=_num_warps(rows_per_tile * tile_k),
+    )
+    return q, lse_b
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+def _output_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _raise_if_not_finite(lse_b: torch.Tensor) -> None:
+    # A NaN or +inf anywhere in the scores (or a prototype column that is -inf for every
+    # sample, where the original divides 0 by 0) makes every sample's normalizer
+    # non-finite, so this small vector tells about the whole input. It costs one
+    # synchronization, skipped while a CUDA graph is being captured.
+    if lse_b.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if not bool(torch.isfinite(lse_b).all()):
+        raise ValueError(
+            "sinkhorn_knopp: scores contains NaN or +inf (or a prototype whose scores are all "
+            "-inf); the original would return NaN"
+        )
+
+
+@torch.library.custom_op("fastssl::sinkhorn_knopp", mutates_args=())
+def _sinkhorn_knopp_op(scores: torch.Tensor, eps: float, n_iters: int, group: str) -> torch.Tensor:
+    problems = scores.reshape(-1, *scores.shape[-2:])
+    q, lse_b = _sinkhorn_triton(problems, eps, n_iters, group_from_name(group))
+    _raise_if_not_finite(lse_b)
+    return q.view(scores.shape)
+
+
+@_sinkhorn_knopp_op.register_fake
+def _(scores, eps, n_iters, group):
+    return scores.new_empty(scores.shape, dtype=_output_dtype(scores.dtype))
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _why_not_triton(scores: torch.Tensor) -> Reason:
+    if scores.dtype == torch.float64:
+        return "the kernels compute in float32; float64 input runs on the reference backend"
+    return None
+
+
+def sinkhorn_knopp(
+    scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, group: ProcessGroup = None
+) -> torch.Tensor:
+    """Balanced soft assignment of samples to prototypes (SwAV's ``distributed_sinkhorn``).
+
+    Args:
+        scores: (..., B, K) sample-to-prototype scores (logits), any float dtype and strides.
+            Leading dimensions are independent problems (e.g. DoRA's (batch, 196, 3)).
+        eps: temperature; the originals use 0.05 (SwAV) or the teacher temperature (DINOv2).
+        n_iters: Sinkhorn iterations (3 in SwAV and DINOv2).
+        group: process group over which the B dimension is split. ``None`` means the
+            default group when torch.distributed is initialized (as in the originals), else
+            no communication. Only the K-length normalizers are all-reduced.
+    Returns:
+        Q of shape (..., B, K), float32 (float64 for float64 input), each row summing to one
+        and each prototype receiving about B_global / K of the mass. Q carries no gradient
+        (the originals run under ``torch.no_grad``); ``scores`` may require grad.
+
+    Unlike the originals it never overflows: it is computed in the log domain, equal to them
+    wherever they are finite. Raises ``ValueError`` if ``scores`` holds NaN or +inf.
+    """
+    check_float_tensor("scores", scores, min_dim=2)
+    eps = check_positive_float("eps", eps)
+    n_iters = check_positive_int("n_iters", n_iters)
+    group = resolve_group(group)
+    backend = select_backend(
+        "sinkhorn_knopp",
+        scores.device,
+        {"triton": lambda: _why_not_triton(scores), "reference": lambda: None},
+    )
+    scores = scores.detach()
+    if backend == "triton":
+        return _sinkhorn_knopp_op(scores, eps, n_iters, group_name(group))
+    with torch.no_grad():
+        q, lse_b = sinkhorn_knopp_log_domain(scores, eps, n_iters, group)
+    if not torch.compiler.is_compiling():
+        _raise_if_not_finite(lse_b)
+    return q
+
+
+def sinkhorn_knopp_bytes(shape, dtype: torch.dtype, n_iters: int) -> int:
+    """Bytes the kernels must move for one call: 2*n_iters reads of the scores (one more
+    when K exceeds one row tile) and one float32 write of Q. Used by the benchmarks."""
+    elements = math.prod(shape)
+    reads = 2 * n_iters + (triton.next_power_of_2(shape[-1]) > ROW_TILE_MAX_ELEMENTS)
+    return elements * (reads * torch.empty((), dtype=dtype).element_size() + 4)

@@ -1,0 +1,21 @@
+"""The accuracy rule of DESIGN.md, shared by every op's tests.
+
+A kernel's error against the float64 reference may be at most ``factor`` (2) times the
+error of the plain-PyTorch reference computed in the same precision, plus a small atol.
+"""
+
+import torch
+
+
+def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return (value.double() - exact.double()).abs().max().item()
+
+
+def assert_accurate(actual, baseline, exact, *, atol: float = 1e-6, factor: float = 2.0, what: str = ""):
+    """``actual``: kernel output; ``baseline``: PyTorch reference in the same precision;
+    ``exact``: float64 reference. Non-finite values in ``actual`` always fail."""
+    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the output"
+    error = max_error(actual, exact)
+    bound = factor * max_error(baseline, exact) + atol
+    assert error <= bound, f"{what}: error {error:.3e} exceeds {factor} x baseline + atol = {bound:.3e}"
