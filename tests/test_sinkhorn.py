@@ -121,12 +121,13 @@ def test_negative_infinity_scores_get_zero_mass(backend):
 
 
 def test_assignment_properties():
+    # eps = 0.5 keeps exp(scores / eps) within [e^-2, e^2]: Sinkhorn converges fast, so 50
+    # iterations reach equipartition, each prototype receiving B / K of the mass.
     scores = make_scores((64, 16), torch.float32, "cpu")
-    q = run("triton", scores, 0.05, 20)
+    q = run("triton", scores, 0.5, 50)
     assert (q >= 0).all()
     torch.testing.assert_close(q.sum(1), torch.ones(64))
-    # Many iterations approach equipartition: each prototype gets B / K of the mass.
-    torch.testing.assert_close(q.sum(0), torch.full((16,), 64 / 16), rtol=1e-2, atol=0)
+    torch.testing.assert_close(q.sum(0), torch.full((16,), 64 / 16), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

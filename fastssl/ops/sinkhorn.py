@@ -25,12 +25,13 @@ Kernels and memory traffic for a (B, K) problem whose scores have ``e`` bytes pe
   the reduced axis (tiles of BLOCK_REDUCE x BLOCK_KEEP) so that about four programs run per
   SM; each writes one float per kept index and split. Reads ``B*K*e`` once; the partials
   (n_splits * kept floats) are merged by the same kernel run over the split axis.
-- ``_write_assignments_kernel``: reads ``B*K*e`` and writes Q (``4*B*K`` bytes). When a row
-  fits one tile (K_pad <= 16384) it also performs the last sample half-iteration in
-  registers, so that half-iteration costs no extra read.
+- ``_write_assignments_kernel``: the last sample half-iteration fused with the write of Q,
+  whole rows per program: reads ``B*K*e`` from memory and writes Q (``4*B*K`` bytes). Rows of
+  up to 16384 stay in registers; longer rows are swept twice, the second sweep re-reading
+  from L2 what the first has just loaded.
 
-Total: ``2*n_iters`` reads of the scores and one write of Q (one extra read when
-K > 16384), against ``~6*n_iters`` read+write passes of the fp32 matrix in the original.
+Total: ``2*n_iters`` reads of the scores from memory and one write of Q, against about
+``6*n_iters`` read-or-write passes over the float32 matrix in the original.
 FLOPs are negligible (about 4 per element per pass, one ``exp2`` among them): the op is
 bandwidth-bound and measured against the device's copy bandwidth.
 """
@@ -58,6 +59,7 @@ LOG2_E = 1.4426950408889634
 SINGLE_TILE_MAX_ELEMENTS = 8192
 ROW_TILE_MAX_ELEMENTS = 16384
 TILE_ELEMENTS = 4096
+SWEEP_TILE_K = 4096
 LINEAR_DOMAIN_MAX_SPREAD = tl.constexpr(100.0)
 
 
@@ -72,6 +74,23 @@ def _masked_log2sumexp2(x, mask, axis: tl.constexpr):
     shift = tl.where(row_max == float("-inf"), 0.0, row_max)
     total = tl.sum(tl.exp2(x - tl.expand_dims(shift, axis)), axis=axis)
     return shift + tl.log2(total)
+
+
+@triton.jit
+def _online_log2sumexp2_update(running_max, running_sum, x, axis: tl.constexpr):
+    """Fold a tile ``x`` (masked entries -inf) into a running (max, rescaled sum) along
+    ``axis``; ``running_max + log2(running_sum)`` is the log2-sum-exp2 so far."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=axis))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    new_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(
+        tl.exp2(x - tl.expand_dims(shift, axis)), axis=axis
+    )
+    return new_max, new_sum
+
+
+@triton.jit
+def _finish_log2sumexp2(running_max, running_sum):
+    return tl.where(running_max == float("-inf"), 0.0, running_max) + tl.log2(running_sum)
 
 
 @triton.jit
@@ -160,16 +179,10 @@ def _partial_logsumexp_kernel(
             other = tl.load(other_lse_ptr + problem * n_reduce + r, mask=r_mask, other=0.0)
             x = x - other[:, None]
         x = tl.where(mask, x, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(
-            tl.exp2(x - shift[None, :]), axis=0
-        )
-        running_max = new_max
+        running_max, running_sum = _online_log2sumexp2_update(running_max, running_sum, x, 0)
 
-    shift = tl.where(running_max == float("-inf"), 0.0, running_max)
     out = out_ptr + (problem * tl.num_programs(1) + split) * n_keep + keep
-    tl.store(out, shift + tl.log2(running_sum), mask=keep_mask)
+    tl.store(out, _finish_log2sumexp2(running_max, running_sum), mask=keep_mask)
 
 
 @triton.jit
@@ -180,32 +193,49 @@ def _write_assignments_kernel(
     scale,
     ROW_IN_ONE_TILE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Q[p, b, k] = exp2(x - lse_k[p, k] - lse_b[p, b]) for one BLOCK_B x BLOCK_K tile.
+    """The last sample half-iteration fused with the write of Q, for BLOCK_B whole rows.
 
-    With ROW_IN_ONE_TILE (BLOCK_K >= K) the tile holds whole rows, so the last sample
-    half-iteration happens here: lse_b is computed from the tile and stored, not loaded.
-    Grid: (n_row_blocks * n_problems, cdiv(K, BLOCK_K)).
+    lse_b[p, b] = log2sumexp2_k(x - lse_k[p, k]) is computed, stored (for the finiteness
+    check) and applied: Q[p, b, k] = exp2(x - lse_k[p, k] - lse_b[p, b]).
+    ROW_IN_ONE_TILE (BLOCK_K >= K): the rows stay in registers between the two steps.
+    Otherwise two sweeps over the rows in BLOCK_K chunks: the first folds the online
+    log-sum-exp, the second re-reads the same rows, which the first sweep has just
+    brought into L2, and writes Q. Grid: (n_row_blocks * n_problems,).
     """
     row_block = tl.program_id(0) % n_row_blocks
     problem = (tl.program_id(0) // n_row_blocks).to(tl.int64)
     rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < B
-    col_mask = cols < K
-    mask = row_mask[:, None] & col_mask[None, :]
+    row_offsets = problem * stride_sp + rows[:, None].to(tl.int64) * stride_sb
+    out_rows = problem * B * K + rows[:, None].to(tl.int64) * K
 
-    offsets = rows[:, None].to(tl.int64) * stride_sb + cols[None, :].to(tl.int64) * stride_sk
-    s = tl.load(scores_ptr + problem * stride_sp + offsets, mask=mask, other=0.0)
-    lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=col_mask, other=0.0)
-    x = s.to(tl.float32) * scale - lse_k[None, :]
     if ROW_IN_ONE_TILE:
+        cols = tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols[None, :] < K)
+        s = tl.load(scores_ptr + row_offsets + cols[None, :] * stride_sk, mask=mask, other=0.0)
+        lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
+        x = s.to(tl.float32) * scale - lse_k[None, :]
         lse_b = _masked_log2sumexp2(x, mask, 1)
-        tl.store(lse_b_ptr + problem * B + rows, lse_b, mask=row_mask)
+        tl.store(q_ptr + out_rows + cols[None, :], tl.exp2(x - lse_b[:, None]), mask=mask)
     else:
-        lse_b = tl.load(lse_b_ptr + problem * B + rows, mask=row_mask, other=0.0)
-    q = tl.exp2(x - lse_b[:, None])
-    out = problem * B * K + rows[:, None].to(tl.int64) * K + cols[None, :]
-    tl.store(q_ptr + out, q, mask=mask)
+        running_max = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            s = tl.load(scores_ptr + row_offsets + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
+            lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
+            x = tl.where(mask, s.to(tl.float32) * scale - lse_k[None, :], float("-inf"))
+            running_max, running_sum = _online_log2sumexp2_update(running_max, running_sum, x, 1)
+        lse_b = _finish_log2sumexp2(running_max, running_sum)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (cols[None, :] < K)
+            s = tl.load(scores_ptr + row_offsets + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
+            lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
+            q = tl.exp2(s.to(tl.float32) * scale - lse_k[None, :] - lse_b[:, None])
+            tl.store(q_ptr + out_rows + cols[None, :], q, mask=mask)
+    tl.store(lse_b_ptr + problem * B + rows, lse_b, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -285,23 +315,21 @@ def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int, group: Proc
         )
         return q, lse_b
 
-    row_in_one_tile = block_k <= ROW_TILE_MAX_ELEMENTS
     lse_b = torch.zeros((n_problems, B), device=scores.device, dtype=torch.float32)
     for iteration in range(n_iters):
         lse_k = _prototype_half_iteration(scores, lse_b, scale, group)
-        if iteration < n_iters - 1 or not row_in_one_tile:
+        if iteration < n_iters - 1:  # the last sample half-iteration is fused with the write
             lse_b = _sample_half_iteration(scores, lse_k, scale)
 
-    if row_in_one_tile:
-        rows_per_tile = max(1, min(TILE_ELEMENTS // block_k, block_b))
-        tile_k = block_k
-    else:
-        rows_per_tile, tile_k = 4, 1024
-    n_row_blocks = triton.cdiv(B, rows_per_tile)
-    _write_assignments_kernel[(n_row_blocks * n_problems, triton.cdiv(K, tile_k))](
+    row_in_one_tile = block_k <= ROW_TILE_MAX_ELEMENTS
+    tile_k = block_k if row_in_one_tile else SWEEP_TILE_K
+    rows_per_program = max(1, min(TILE_ELEMENTS // tile_k, block_b))
+    n_row_blocks = triton.cdiv(B, rows_per_program)
+    lse_b = torch.empty((n_problems, B), device=scores.device, dtype=torch.float32)
+    _write_assignments_kernel[(n_row_blocks * n_problems,)](
         scores, lse_k, lse_b, q, B, K, n_row_blocks, *strides, scale,
-        ROW_IN_ONE_TILE=row_in_one_tile, BLOCK_B=rows_per_tile, BLOCK_K=tile_k,
-        num_warps=_num_warps(rows_per_tile * tile_k),
+        ROW_IN_ONE_TILE=row_in_one_tile, BLOCK_B=rows_per_program, BLOCK_K=tile_k,
+        num_warps=_num_warps(rows_per_program * tile_k),
     )
     return q, lse_b
 
@@ -390,8 +418,9 @@ def sinkhorn_knopp(
 
 
 def sinkhorn_knopp_bytes(shape, dtype: torch.dtype, n_iters: int) -> int:
-    """Bytes the kernels must move for one call: 2*n_iters reads of the scores (one more
-    when K exceeds one row tile) and one float32 write of Q. Used by the benchmarks."""
-    elements = math.prod(shape)
-    reads = 2 * n_iters + (triton.next_power_of_2(shape[-1]) > ROW_TILE_MAX_ELEMENTS)
-    return elements * (reads * torch.empty((), dtype=dtype).element_size() + 4)
+    """Bytes one single-process call must move: one float32 write of Q and the reads of the
+    scores, ``2 * n_iters`` of them, or one where the problem fits the single-tile kernel.
+    Used by the benchmarks as the bandwidth bound."""
+    single_tile = triton.next_power_of_2(shape[-2]) * triton.next_power_of_2(shape[-1])
+    reads = 1 if single_tile <= SINGLE_TILE_MAX_ELEMENTS else 2 * n_iters
+    return math.prod(shape) * (reads * torch.empty((), dtype=dtype).element_size() + 4)
