@@ -19,3 +19,9 @@ def assert_accurate(actual, baseline, exact, *, atol: float = 1e-6, factor: floa
     error = max_error(actual, exact)
     bound = factor * max_error(baseline, exact) + atol
     assert error <= bound, f"{what}: error {error:.3e} exceeds {factor} x baseline + atol = {bound:.3e}"
+
+
+def output_rounding(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the largest magnitude of ``exact``: the
+    rounding that storing any correct result in ``dtype`` may add, whoever computes it."""
+    return torch.finfo(dtype).eps * exact.abs().max().item()

@@ -1,0 +1,331 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from accuracy import assert_accurate, output_rounding
+from conftest import kernel_devices
+
+import fastssl
+from fastssl.nn import DINOHead, DINOLoss, IBOTPatchLoss, KoLeoLoss
+from fastssl.ops import dino_cross_entropy
+from fastssl.ops.dino_loss import dino_pair_weights
+from fastssl.reference.dino import (
+    DINOLossOriginal,
+    dino_cross_entropy_reference,
+    ibot_patch_loss_original,
+    koleo_loss_original,
+)
+
+
+def loss_and_grad(fn, student):
+    student = student.detach().clone().requires_grad_()
+    loss = fn(student)
+    loss.backward()
+    return loss.detach(), student.grad
+
+
+def reference_fn(teacher, S, T, teacher_temp, center, pairs, weights):
+    def fn(student):
+        loss, _ = dino_cross_entropy_reference(
+            student, teacher, S, T, 0.1, teacher_temp, center, pairs, weights)
+        return loss
+    return fn
+
+
+# (student crops, teacher crops, images, K)
+SHAPES = [(2, 2, 1, 7), (10, 2, 3, 1000), (4, 2, 5, 257), (3, 1, 2, 5000), (1, 1, 37, 50)]
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("targets", ["logits", "probabilities"])
+@pytest.mark.parametrize("S,T,B,K", SHAPES, ids=[str(s) for s in SHAPES])
+def test_fused_loss_and_gradient_match_reference(kernel_device, dtype, targets, S, T, B, K, poisoned_outputs):
+    device = kernel_device
+    student = (torch.randn(S * B, K, device=device) * 3).to(dtype)
+    if targets == "logits":
+        teacher = (torch.randn(T * B, K, device=device) * 3).to(dtype)
+        teacher_temp, center = 0.04, torch.randn(K, device=device) * 0.5
+    else:
+        teacher = torch.softmax(torch.randn(T * B, K, device=device) * 5, -1).to(dtype)
+        teacher_temp, center = None, None
+    pairs = dino_pair_weights(T, S, device) if S > 1 else torch.ones(T, S, device=device)
+    weights = torch.rand(B, device=device)
+
+    with fastssl.use_backend("triton"):
+        loss, grad = loss_and_grad(lambda s: dino_cross_entropy(
+            s, teacher, S, T, 0.1, teacher_temp, center, pairs, weights)[0], student)
+    exact = loss_and_grad(reference_fn(teacher.double(), S, T, teacher_temp, center, pairs, weights), student.double())
+    base = loss_and_grad(reference_fn(teacher.float(), S, T, teacher_temp, center, pairs, weights), student.float())
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_accurate(loss, base[0], exact[0], atol=output_rounding(exact[0], torch.float32), what="loss")
+    grad_atol = output_rounding(exact[1], dtype)
+    assert_accurate(grad, base[1].to(dtype), exact[1], atol=grad_atol, what="gradient")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_teacher_column_sum_for_the_center(backend):
+    student, teacher = torch.randn(4 * 3, 100), torch.randn(2 * 3, 100)
+    with fastssl.use_backend(backend):
+        _, column_sum = dino_cross_entropy(student, teacher, 4, 2, 0.1, 0.04)
+        _, none = dino_cross_entropy(student, torch.softmax(teacher, -1), 4, 2, 0.1, None)
+    torch.testing.assert_close(column_sum, teacher.sum(0))
+    assert none is None and not column_sum.requires_grad
+
+
+def test_rows_with_a_larger_stride():
+    wide = torch.randn(6 * 4, 300)
+    student = wide[:, :257]  # row stride 300, unit column stride
+    teacher = torch.randn(2 * 4, 300)[:, :257]
+    with fastssl.use_backend("triton"):
+        loss, _ = dino_cross_entropy(student, teacher, 6, 2, 0.1, 0.05)
+    with fastssl.use_backend("reference"):
+        expected, _ = dino_cross_entropy(student, teacher, 6, 2, 0.1, 0.05)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_column_strided_input_is_refused_by_triton_with_the_reason():
+    student = torch.randn(100, 4 * 3).t()
+    with fastssl.use_backend("triton"), pytest.raises(fastssl.BackendUnavailableError, match="unit stride along K"):
+        dino_cross_entropy(student, torch.randn(6, 100), 4, 2, 0.1, 0.04)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(student=torch.randn(10, 8), teacher=torch.randn(6, 8), n_student_crops=4), ValueError,
+         "not a multiple of n_student_crops=4"),
+        (dict(student=torch.randn(12, 8), teacher=torch.randn(6, 9), n_student_crops=4), ValueError,
+         r"teacher must be \(n_teacher_crops \* B, K\) = \(6, 8\)"),
+        (dict(student=torch.randn(12, 8), teacher=torch.randn(6, 8), n_student_crops=4, teacher_temp=0.0),
+         ValueError, "teacher_temp must be a finite number > 0"),
+        (dict(student=torch.randn(12, 8), teacher=torch.randn(6, 8), n_student_crops=4, center=torch.zeros(8)),
+         ValueError, "center applies to teacher logits"),
+        (dict(student=torch.randn(12, 8), teacher=torch.randn(6, 8), n_student_crops=4, teacher_temp=0.1,
+              center=torch.zeros(7)), ValueError, "center must hold K=8 values"),
+        (dict(student=torch.randn(12, 8).long(), teacher=torch.randn(6, 8), n_student_crops=4), TypeError,
+         "student must be float"),
+        (dict(student=torch.randn(12, 8), teacher=torch.randn(6, 8), n_student_crops=4,
+              pair_weights=torch.ones(4, 2)), ValueError, r"pair_weights must be \(2, 4\)"),
+        (dict(student=torch.zeros(0, 8), teacher=torch.randn(6, 8), n_student_crops=4), ValueError,
+         "student must not be empty"),
+    ],
+)
+def test_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        dino_cross_entropy(**kwargs)
+
+
+def test_custom_ops_registration():
+    S, T, B, K = 3, 2, 2, 40
+    args = (torch.randn(S * B, K, requires_grad=True), torch.randn(T * B, K), torch.randn(K),
+            dino_pair_weights(T, S), torch.full((B,), 0.5), S, T, 0.1, 0.04)
+    torch.library.opcheck(torch.ops.fastssl.dino_cross_entropy_fwd.default, args)
+
+
+def test_torch_compile_forward_and_backward():
+    student, teacher = torch.randn(4 * 2, 64, requires_grad=True), torch.randn(2 * 2, 64)
+
+    def step(s):
+        return dino_cross_entropy(s * 1.0, teacher, 4, 2, 0.1, 0.04)[0]
+
+    with fastssl.use_backend("triton"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(student)
+        loss.backward()
+        grad = student.grad.clone()
+        student.grad = None
+        step(student).backward()
+    torch.testing.assert_close(grad, student.grad)
+
+
+# ---------------------------------------------------------------- DINOLoss
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dino_loss_over_several_epochs_equals_official(backend):
+    ncrops, B, K = 6, 4, 300
+    ours = DINOLoss(K, ncrops, 0.04, 0.07, warmup_teacher_temp_epochs=3, nepochs=5)
+    official = DINOLossOriginal(K, ncrops, 0.04, 0.07, warmup_teacher_temp_epochs=3, nepochs=5)
+    for epoch in range(5):
+        student, teacher = torch.randn(ncrops * B, K) * 2, torch.randn(2 * B, K) * 2 + 1
+        with fastssl.use_backend(backend):
+            loss, grad = loss_and_grad(lambda s: ours(s, teacher, epoch), student)
+        expected, expected_grad = loss_and_grad(lambda s: official(s, teacher, epoch), student)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5, msg=f"epoch {epoch}")
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(ours.center, official.center, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_loss_accepts_lists_of_crops():
+    loss_fn = DINOLoss(50, 4, 0.04, 0.04, 0, 2)
+    student, teacher = torch.randn(4 * 3, 50), torch.randn(2 * 3, 50)
+    as_tensor = DINOLoss(50, 4, 0.04, 0.04, 0, 2)(student, teacher, 0)
+    as_lists = loss_fn(list(student.chunk(4)), list(teacher.chunk(2)), 0)
+    torch.testing.assert_close(as_tensor, as_lists)
+
+
+def test_async_center_is_applied_at_the_next_call():
+    sync, delayed = DINOLoss(20, 4, 0.04, 0.04, 0, 3), DINOLoss(20, 4, 0.04, 0.04, 0, 3, async_center=True)
+    first, second = torch.randn(8, 20), torch.randn(8, 20) + 3
+    student = torch.randn(16, 20)
+    sync(student, first, 0)
+    delayed(student, first, 0)
+    assert delayed.center.abs().sum() == 0  # pending
+    sync_center_after_first = sync.center.clone()
+    delayed(student, second, 1)  # applies the first update before computing
+    torch.testing.assert_close(delayed.center, sync_center_after_first)
+    delayed.apply_center_update()
+    sync(student, second, 1)
+    torch.testing.assert_close(delayed.center, sync.center)
+
+
+def test_center_checkpoints_with_the_module():
+    loss_fn = DINOLoss(20, 4, 0.04, 0.04, 0, 3)
+    loss_fn(torch.randn(16, 20), torch.randn(8, 20), 0)
+    restored = DINOLoss(20, 4, 0.04, 0.04, 0, 3)
+    restored.load_state_dict(loss_fn.state_dict())
+    torch.testing.assert_close(restored.center, loss_fn.center)
+    assert "_center.center" in loss_fn.state_dict()
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda f: f(torch.randn(10, 20), torch.randn(4, 20), 0), "not a multiple of n_student_crops=4"),
+        (lambda f: f(torch.randn(16, 21), torch.randn(8, 21), 0), r"must be \(rows, out_dim=20\)"),
+        (lambda f: f(torch.randn(16, 20), torch.randn(6, 20), 0), r"teacher must be \(n_teacher_crops \* B, K\)"),
+        (lambda f: f(torch.randn(16, 20), torch.randn(8, 20), 3), "epoch 3 is outside the teacher temperature schedule"),
+        (lambda f: f([torch.randn(4, 20), torch.randn(5, 20)], torch.randn(8, 20), 0), "crops must share one shape"),
+    ],
+)
+def test_dino_loss_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(DINOLoss(20, 4, 0.04, 0.04, 0, 3))
+
+
+def test_dino_loss_bad_construction():
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs must be in"):
+        DINOLoss(20, 4, 0.04, 0.04, 5, 3)
+    with pytest.raises(ValueError, match="ncrops must be >= 2"):
+        DINOLoss(20, 1, 0.04, 0.04, 0, 3)
+
+
+# ---------------------------------------------------------------- iBOT, KoLeo, head
+
+
+def ibot_inputs(n_images=3, n_patches=20, K=120):
+    masks = torch.rand(n_images, n_patches) < 0.4
+    masks[0] = False  # an image without masked patches still counts in the division
+    masks[1, :3] = True
+    n = int(masks.sum())
+    return masks, torch.randn(n, K) * 2, torch.randn(n, K) * 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ibot_patch_loss_equals_dinov2(backend):
+    masks, student, teacher_logits = ibot_inputs()
+    ibot = IBOTPatchLoss(120)
+    probs = ibot.softmax_center_teacher(teacher_logits, 0.07).squeeze(0)
+    with fastssl.use_backend(backend):
+        loss, grad = loss_and_grad(lambda s: ibot.forward_masked(s, probs, masks), student)
+    expected, expected_grad = loss_and_grad(lambda s: ibot_patch_loss_original(s, probs, masks), student)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ibot_fused_logits_path_equals_softmax_center_then_loss(backend):
+    masks, student, teacher_logits = ibot_inputs()
+    fused, unfused = IBOTPatchLoss(120, async_center=False), IBOTPatchLoss(120, async_center=False)
+    for step in range(3):
+        with fastssl.use_backend(backend):
+            loss, grad = loss_and_grad(
+                lambda s: fused.forward_masked(s, teacher_logits, masks, teacher_temp=0.07), student)
+        probs = unfused.softmax_center_teacher(teacher_logits, 0.07).squeeze(0)
+        unfused.update_center(teacher_logits)
+        expected, expected_grad = loss_and_grad(lambda s: ibot_patch_loss_original(s, probs, masks), student)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(fused.center, unfused.center)
+        teacher_logits = teacher_logits + 1.0
+
+
+def test_ibot_n_masked_patches_and_bad_weights():
+    masks, student, teacher = ibot_inputs()
+    probs = torch.softmax(teacher, -1)
+    ibot = IBOTPatchLoss(120)
+    n = student.shape[0]
+    weights = torch.rand(n)
+    padded = ibot.forward_masked(torch.cat([student, student[:2]]), torch.cat([probs, probs[:2]]), masks,
+                                 n_masked_patches=n, masks_weight=weights)
+    torch.testing.assert_close(padded, ibot_patch_loss_original(student, probs, masks, masks_weight=weights))
+    with pytest.raises(ValueError, match="one weight per masked patch"):
+        ibot.forward_masked(student, probs, masks, masks_weight=weights[:-1])
+    with pytest.raises(ValueError, match="2-D bool tensor"):
+        ibot.forward_masked(student, probs, masks.float())
+
+
+def test_koleo_equals_dinov2_and_rejects_bad_input():
+    x = torch.randn(17, 32)
+    torch.testing.assert_close(KoLeoLoss()(x), koleo_loss_original(x))
+    x_bf16 = x.bfloat16()
+    assert KoLeoLoss()(x_bf16).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(B >= 2, D\)"):
+        KoLeoLoss()(torch.randn(1, 32))
+
+
+class OfficialDINOHeadShape(torch.nn.Module):
+    """The official head's layout, with torch's weight_norm, to check state-dict compatibility."""
+
+    def __init__(self, in_dim, out_dim, nlayers=3, hidden_dim=64, bottleneck_dim=16, use_bn=False):
+        super().__init__()
+        layers = [torch.nn.Linear(in_dim, hidden_dim)]
+        if use_bn:
+            layers.append(torch.nn.BatchNorm1d(hidden_dim))
+        layers.append(torch.nn.GELU())
+        for _ in range(nlayers - 2):
+            layers.append(torch.nn.Linear(hidden_dim, hidden_dim))
+            if use_bn:
+                layers.append(torch.nn.BatchNorm1d(hidden_dim))
+            layers.append(torch.nn.GELU())
+        layers.append(torch.nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = torch.nn.Sequential(*layers)
+        self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_dino_head_loads_official_weights(use_bn):
+    official = OfficialDINOHeadShape(32, 100, nlayers=4, use_bn=use_bn).eval()
+    ours = DINOHead(32, 100, use_bn=use_bn, nlayers=4, hidden_dim=64, bottleneck_dim=16).eval()
+    assert set(ours.state_dict()) == set(official.state_dict())
+    ours.load_state_dict(official.state_dict())
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(ours(x), official(x))
+    assert not DINOHead(32, 100).last_layer.weight_g.requires_grad
+    assert DINOHead(32, 100, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+# ---------------------------------------------------------------- real sizes on a GPU
+
+GPU_CASES = [("DINO ViT-S", 10, 64, 65536), ("DINOv2 ViT-L", 10, 32, 131072)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,S,B,K", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_real_sizes_on_gpu(name, S, B, K, dtype, poisoned_outputs):
+    student = (torch.randn(S * B, K, device="cuda") * 3).to(dtype)
+    teacher = (torch.randn(2 * B, K, device="cuda") * 3).to(dtype)
+    center = torch.randn(K, device="cuda")
+    pairs, weights = dino_pair_weights(2, S, "cuda"), torch.full((B,), 1 / B, device="cuda")
+    with fastssl.use_backend("triton"):
+        loss, grad = loss_and_grad(lambda s: dino_cross_entropy(
+            s, teacher, S, 2, 0.1, 0.04, center, pairs, weights)[0], student)
+    exact = loss_and_grad(reference_fn(teacher.double(), S, 2, 0.04, center, pairs, weights), student.double())
+    base = loss_and_grad(reference_fn(teacher.float(), S, 2, 0.04, center, pairs, weights), student.float())
+    assert_accurate(loss, base[0], exact[0], atol=output_rounding(exact[0], torch.float32), what=f"{name} loss")
+    assert_accurate(grad, base[1].to(dtype), exact[1], atol=output_rounding(exact[1], dtype), what="grad")
