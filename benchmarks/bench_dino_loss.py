@@ -3,8 +3,10 @@ PyTorch code, eager and compiled.
 
 Cases (REFERENCE.md section 1): DINO ViT-S/16 (B=64, 2+10 crops, K=65536), DINOv2 ViT-L
 (B=32, 2+8 crops, K=131072), iBOT (1000 masked patches, K=131072, teacher logits centered
-in the kernel vs DINOv2's softmax_center_teacher + forward_masked). Minimal traffic of one
-forward + backward: every logit read twice and the student gradient written once.
+in the kernel vs DINOv2's softmax_center_teacher + forward_masked), and the head's last
+layer fused with the loss (DINO ViT-S, bottleneck 256) vs last layer + official loss.
+Minimal traffic of one loss forward + backward: every logit read twice and the student
+gradient written once (for the fused head: the weights and features instead).
 
     python benchmarks/bench_dino_loss.py            # on a CUDA GPU
     python benchmarks/bench_dino_loss.py --smoke    # tiny, on the CPU
@@ -14,7 +16,7 @@ import torch
 
 import fastssl
 from fastssl.benchmark import Case, Contender, compiled, parse_args, run_benchmark
-from fastssl.nn import DINOLoss, IBOTPatchLoss
+from fastssl.nn import DINOHead, DINOHeadLoss, DINOLoss, IBOTPatchLoss
 from fastssl.reference.dino import DINOLossOriginal, ibot_patch_loss_original
 
 # name, images per GPU, crops, K, dtype
@@ -93,9 +95,45 @@ def ibot_case(device, smoke, args):
                 params={"masked_patches": n_masked, "K": K, "dtype": str(dtype)})
 
 
+def head_case(device, smoke, args):
+    B, ncrops, K, D, dtype = 64, 12, 65536, 256, torch.bfloat16
+    if smoke:
+        B, K = 2, K // 256
+    student_head = DINOHead(384, K, norm_last_layer=False).to(device)
+    teacher_head = DINOHead(384, K).to(device)
+    features = torch.nn.functional.normalize(torch.randn(ncrops * B, D, device=device), dim=-1)
+    features = features.to(dtype).requires_grad_()
+    teacher_features = torch.nn.functional.normalize(torch.randn(2 * B, D, device=device), dim=-1).to(dtype)
+    fused = DINOHeadLoss(K, ncrops, 0.04, 0.07, 30, 100).to(device)
+    official = DINOLossOriginal(K, ncrops, 0.04, 0.07, 30, 100).to(device)
+
+    def fastssl_loss(h, t):
+        with fastssl.use_backend("triton"):
+            return fused(h, student_head.last_layer.weight.to(dtype), t, teacher_head.last_layer.weight.to(dtype), 10)
+
+    def unfused_loss(h, t):
+        student_logits = h @ student_head.last_layer.weight.to(dtype).t()
+        with torch.no_grad():
+            teacher_logits = t @ teacher_head.last_layer.weight.to(dtype).t()
+        return official(student_logits, teacher_logits, 10)
+
+    contenders = [
+        Contender("fastssl fused head+loss (triton)", forward_backward(fastssl_loss, features, teacher_features)),
+        Contender("last layer + official loss (eager)", forward_backward(unfused_loss, features, teacher_features)),
+    ]
+    unfused_compiled = compiled(unfused_loss, args)
+    if unfused_compiled is not None:
+        contenders.append(Contender("last layer + official loss (torch.compile)",
+                                    forward_backward(unfused_compiled, features, teacher_features)))
+    matmul_flops = 2 * (ncrops + 2) * B * D * K
+    return Case(f"DINO ViT-S head 256->{K} + loss, B={B} 2+10 crops bf16", contenders,
+                min_flops=3 * matmul_flops,
+                params={"B": B, "ncrops": ncrops, "K": K, "D": D, "dtype": str(dtype)})
+
+
 def make_cases(device, smoke, args):
     cases = [dino_case(device, smoke, args, *recipe) for recipe in DINO_RECIPES]
-    return cases + [ibot_case(device, smoke, args)]
+    return cases + [ibot_case(device, smoke, args), head_case(device, smoke, args)]
 
 
 def main():

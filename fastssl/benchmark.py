@@ -180,20 +180,23 @@ def markdown_table(op: str, meta: dict, ceilings: dict, cases: list[dict]) -> st
         f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
         f"device copy {ceilings['copy_gbps']:.0f} GB/s.",
         "",
-        "| case | contender | median ms | GB/s (min bytes) | % of copy | peak memory | first is x faster |",
-        "|---|---|---|---|---|---|---|",
+        "| case | contender | median ms | GB/s (min bytes) | % of copy | TFLOP/s (min FLOPs) | % of matmul "
+        "| peak memory | first is x faster |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         for row in case["results"]:
             if "error" in row:
-                lines.append(f"| {case['case']} | {row['contender']} | failed: {row['error']} | | | | |")
+                lines.append(f"| {case['case']} | {row['contender']} | failed: {row['error']} | | | | | | |")
                 continue
             gbps = f"{row['gbps']:.0f}" if "gbps" in row else "-"
             pct = f"{row['pct_copy_ceiling']:.0f}%" if "pct_copy_ceiling" in row else "-"
+            tflops = f"{row['tflops']:.1f}" if "tflops" in row else "-"
+            pct_matmul = f"{row['pct_matmul_ceiling']:.0f}%" if "pct_matmul_ceiling" in row else "-"
             speedup = f"{row['speedup_of_first']:.2f}x" if "speedup_of_first" in row else ""
             lines.append(
                 f"| {case['case']} | {row['contender']} | {row['median_ms']:.4f} | {gbps} | {pct} | "
-                f"{_format_bytes(row['peak_memory_bytes'])} | {speedup} |"
+                f"{tflops} | {pct_matmul} | {_format_bytes(row['peak_memory_bytes'])} | {speedup} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ from accuracy import assert_accurate, output_rounding
 from conftest import kernel_devices
 
 import fastssl
-from fastssl.nn import DINOHead, DINOLoss, IBOTPatchLoss, KoLeoLoss
+from fastssl.nn import DINOHead, DINOHeadLoss, DINOLoss, IBOTPatchLoss, KoLeoLoss
 from fastssl.ops import dino_cross_entropy
 from fastssl.ops.dino_loss import dino_pair_weights
 from fastssl.reference.dino import (
@@ -329,3 +329,91 @@ def test_real_sizes_on_gpu(name, S, B, K, dtype, poisoned_outputs):
     base = loss_and_grad(reference_fn(teacher.float(), S, 2, 0.04, center, pairs, weights), student.float())
     assert_accurate(loss, base[0], exact[0], atol=output_rounding(exact[0], torch.float32), what=f"{name} loss")
     assert_accurate(grad, base[1].to(dtype), exact[1], atol=output_rounding(exact[1], dtype), what="grad")
+
+
+# ---------------------------------------------------------------- fused head + loss
+
+
+def head_pair(state, dtype, K):
+    student = DINOHead(32, K, hidden_dim=48, bottleneck_dim=16, norm_last_layer=False)
+    teacher = DINOHead(32, K, hidden_dim=48, bottleneck_dim=16)
+    student.load_state_dict(state[0])
+    teacher.load_state_dict(state[1])
+    return student.to(dtype), teacher.to(dtype)
+
+
+def head_step(loss_fn, heads, x_student, x_teacher, epoch, fused):
+    """One step's loss and student-head gradients, fused or head-then-loss."""
+    student, teacher = heads
+    student.zero_grad()
+    x_student, x_teacher = x_student.to(student.mlp[0].weight.dtype), x_teacher.to(student.mlp[0].weight.dtype)
+    with torch.no_grad():
+        teacher_out = teacher.bottleneck(x_teacher) if fused else teacher(x_teacher)
+    if fused:
+        loss = loss_fn(student.bottleneck(x_student), student.last_layer, teacher_out, teacher.last_layer, epoch)
+    else:
+        loss = loss_fn(student(x_student), teacher_out, epoch)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("chunk_size", [8192, 300, 257])
+def test_fused_head_loss_equals_head_then_loss(backend, chunk_size):
+    ncrops, B, K = 4, 3, 1000
+    state = [DINOHead(32, K, hidden_dim=48, bottleneck_dim=16, norm_last_layer=False).state_dict(),
+             DINOHead(32, K, hidden_dim=48, bottleneck_dim=16).state_dict()]
+    fused = DINOHeadLoss(K, ncrops, 0.04, 0.07, 2, 4, chunk_size=chunk_size)
+    exact_loss_fn = DINOLossOriginal(K, ncrops, 0.04, 0.07, 2, 4).double()
+    base_loss_fn = DINOLossOriginal(K, ncrops, 0.04, 0.07, 2, 4)
+    heads, exact_heads, base_heads = (head_pair(state, dtype, K) for dtype in
+                                      (torch.float32, torch.float64, torch.float32))
+    for epoch in range(3):
+        x_student, x_teacher = torch.randn(ncrops * B, 32), torch.randn(2 * B, 32)
+        with fastssl.use_backend(backend):
+            loss, grads = head_step(fused, heads, x_student, x_teacher, epoch, fused=True)
+        exact_loss, exact_grads = head_step(exact_loss_fn, exact_heads, x_student, x_teacher, epoch, fused=False)
+        base_loss, base_grads = head_step(base_loss_fn, base_heads, x_student, x_teacher, epoch, fused=False)
+        # The fused path rounds the logits slice by slice, differently from one matmul; any
+        # float32 rounding of z = logits / tau_s moves the loss by up to eps * max|z|.
+        with torch.no_grad():
+            max_z = exact_heads[0](x_student.double()).abs().max() / 0.1
+        logits_rounding = torch.finfo(torch.float32).eps * max_z.item()
+        assert_accurate(loss, base_loss, exact_loss, what=f"loss, epoch {epoch}",
+                        atol=output_rounding(exact_loss, torch.float32) + logits_rounding)
+        for name in grads:
+            assert_accurate(grads[name], base_grads[name], exact_grads[name],
+                            atol=output_rounding(exact_grads[name], torch.float32), what=name)
+        torch.testing.assert_close(fused.center.double(), exact_loss_fn.center, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_loss_bad_input():
+    loss_fn = DINOHeadLoss(100, 4, 0.04, 0.04, 0, 2)
+    features, teacher = torch.randn(8, 16), torch.randn(4, 16)
+    with pytest.raises(ValueError, match="student_last_layer must be a layer or weight with out_dim=100"):
+        loss_fn(features, torch.randn(99, 16), teacher, torch.randn(100, 16), 0)
+    with pytest.raises(ValueError, match="must share D"):
+        loss_fn(features, torch.randn(100, 15), teacher, torch.randn(100, 16), 0)
+    with pytest.raises(ValueError, match="not a multiple of n_student_crops=4"):
+        loss_fn(torch.randn(9, 16), torch.randn(100, 16), teacher, torch.randn(100, 16), 0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        DINOHeadLoss(100, 4, 0.04, 0.04, 0, 2, chunk_size=0)
+
+
+def test_fused_head_loss_compiles():
+    from fastssl.ops import dino_head_cross_entropy
+
+    h, w = torch.randn(8, 16, requires_grad=True), torch.randn(200, 16, requires_grad=True)
+    t, wt = torch.randn(4, 16), torch.randn(200, 16)
+
+    def step(h, w):
+        return dino_head_cross_entropy(h, w, t, wt, 4, 2, 0.1, 0.04, chunk_size=64)[0]
+
+    with fastssl.use_backend("triton"):
+        compiled = torch.compile(step, backend="aot_eager")
+        compiled(h, w).backward()
+        grads = (h.grad.clone(), w.grad.clone())
+        h.grad = w.grad = None
+        step(h, w).backward()
+    torch.testing.assert_close(grads[0], h.grad)
+    torch.testing.assert_close(grads[1], w.grad)

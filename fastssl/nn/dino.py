@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.distributed import ProcessGroup, resolve_group
+from fastssl.ops.dino_head_loss import dino_head_cross_entropy
 from fastssl.ops.dino_loss import dino_cross_entropy
 from fastssl.ops.sinkhorn import sinkhorn_knopp
 from fastssl.reference.dino import koleo_loss_original
@@ -127,17 +129,51 @@ class DINOLoss(nn.Module):
             check_float_tensor(name, value, min_dim=2)
             if value.dim() != 2 or value.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must be (rows, out_dim={self.out_dim}), got {tuple(value.shape)}")
-        temperature = self.teacher_temperature(epoch)
+        return self._loss_and_center_update(
+            dino_cross_entropy, (student, teacher), teacher.shape[0], self.teacher_temperature(epoch))
+
+    def _loss_and_center_update(self, loss_fn, tensors, teacher_rows: int, teacher_temp: float):
+        """``loss_fn(*tensors, ...)`` with the current center, then the center update."""
         self._center.apply_pending()
-        loss, row_sum = dino_cross_entropy(
-            student, teacher, n_student_crops=self.ncrops, n_teacher_crops=2,
-            student_temp=self.student_temp, teacher_temp=temperature, center=self.center,
+        loss, row_sum = loss_fn(
+            *tensors, n_student_crops=self.ncrops, n_teacher_crops=2,
+            student_temp=self.student_temp, teacher_temp=teacher_temp, center=self.center,
         )
-        self._center.update(row_sum, teacher.shape[0])
+        self._center.update(row_sum, teacher_rows)
         return loss
 
     def apply_center_update(self) -> None:
         self._center.apply_pending()
+
+
+class DINOHeadLoss(DINOLoss):
+    """:class:`DINOLoss` with the heads' last layer fused into it: the (crops * B, K) logits
+    of neither network are ever materialized (see :func:`fastssl.ops.dino_head_cross_entropy`).
+
+    Same constructor as :class:`DINOLoss` plus ``chunk_size`` (prototypes per slice).
+    ``forward(student_features, student_last_layer, teacher_features, teacher_last_layer,
+    epoch)``: features (ncrops * B, D) and (2 * B, D) are the inputs of the last layers
+    (``DINOHead.bottleneck(x)``), last layers are ``DINOHead.last_layer`` modules (or
+    (K, D) weight tensors). Equal to ``DINOLoss(head(x_s), head_t(x_t), epoch)``; gradients
+    reach the student features and the student last layer (``weight_v``, and ``weight_g``
+    when it is trained).
+    """
+
+    def __init__(self, *args, chunk_size: int = 8192, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+
+    def forward(self, student_features, student_last_layer, teacher_features, teacher_last_layer, epoch):
+        weights = []
+        for name, layer in (("student_last_layer", student_last_layer), ("teacher_last_layer", teacher_last_layer)):
+            weight = layer if isinstance(layer, torch.Tensor) else getattr(layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.shape[0] != self.out_dim:
+                raise ValueError(f"{name} must be a layer or weight with out_dim={self.out_dim} rows")
+            weights.append(weight)
+        return self._loss_and_center_update(
+            functools.partial(dino_head_cross_entropy, chunk_size=self.chunk_size),
+            (student_features, weights[0], teacher_features, weights[1]),
+            teacher_features.shape[0], self.teacher_temperature(epoch))
 
 
 class IBOTPatchLoss(nn.Module):
@@ -278,6 +314,10 @@ class DINOHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The l2-normalized input of the last layer, (B, bottleneck_dim): what
+        :class:`DINOHeadLoss` takes instead of the logits."""
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(self.bottleneck(x))

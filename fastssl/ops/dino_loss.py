@@ -28,7 +28,7 @@ FLOPs are about 10 per logit plus 2*T*S per image and column: bandwidth-bound.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -41,6 +41,25 @@ from fastssl.reference.dino import dino_cross_entropy_reference
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def _crop_tile(chunk, K, T: tl.constexpr, S: tl.constexpr, T_PAD: tl.constexpr, S_PAD: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Indices and masks of one chunk of columns across the T teacher and S student crops."""
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    t_rows = tl.arange(0, T_PAD)
+    s_rows = tl.arange(0, S_PAD)
+    t_mask = (t_rows < T)[:, None] & col_mask[None, :]
+    s_mask = (s_rows < S)[:, None] & col_mask[None, :]
+    return cols, col_mask, t_rows, s_rows, t_mask, s_mask
+
+
+@triton.jit
+def _image_rows_offsets(b, B, stride, rows, cols):
+    """Offsets of image b's row in each crop (crop c holds rows c*B .. c*B+B-1)."""
+    return (rows[:, None] * B + b).to(tl.int64) * stride + cols[None, :]
 
 
 @triton.jit
@@ -63,12 +82,7 @@ def _dino_forward_kernel(
     """
     chunk = tl.program_id(0)
     group = tl.program_id(1)
-    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    t_rows = tl.arange(0, T_PAD)
-    s_rows = tl.arange(0, S_PAD)
-    t_mask = (t_rows < T)[:, None] & col_mask[None, :]
-    s_mask = (s_rows < S)[:, None] & col_mask[None, :]
+    cols, col_mask, t_rows, s_rows, t_mask, s_mask = _crop_tile(chunk, K, T, S, T_PAD, S_PAD, BLOCK_K)
     if HAS_CENTER:
         center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
     column_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -76,9 +90,9 @@ def _dino_forward_kernel(
     first = group * images_per_group
     last = tl.minimum(first + images_per_group, B)
     for b in range(first, last):
-        t_offsets = (t_rows[:, None] * B + b).to(tl.int64) * stride_t + cols[None, :]
+        t_offsets = _image_rows_offsets(b, B, stride_t, t_rows, cols)
         t = tl.load(teacher_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
-        s_offsets = (s_rows[:, None] * B + b).to(tl.int64) * stride_s + cols[None, :]
+        s_offsets = _image_rows_offsets(b, B, stride_s, s_rows, cols)
         s = tl.load(student_ptr + s_offsets, mask=s_mask, other=0.0).to(tl.float32)
 
         # Maxima in raw units, exponents of (value - max) * scale: small where it matters.
@@ -125,19 +139,13 @@ def _dino_backward_kernel(
     TEACHER_LOGITS: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dL/ds for the S student rows of image program_id(1), columns of chunk program_id(0)."""
-    chunk = tl.program_id(0)
     b = tl.program_id(1)
-    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    t_rows = tl.arange(0, T_PAD)
-    s_rows = tl.arange(0, S_PAD)
+    cols, col_mask, t_rows, s_rows, t_mask, s_mask = _crop_tile(tl.program_id(0), K, T, S, T_PAD, S_PAD, BLOCK_K)
     t_valid = t_rows < T
     s_valid = s_rows < S
-    t_mask = t_valid[:, None] & col_mask[None, :]
-    s_mask = s_valid[:, None] & col_mask[None, :]
 
-    t_offsets = (t_rows[:, None] * B + b).to(tl.int64) * stride_t + cols[None, :]
-    t = tl.load(teacher_ptr + t_offsets, mask=t_mask, other=0.0).to(tl.float32)
+    t = tl.load(teacher_ptr + _image_rows_offsets(b, B, stride_t, t_rows, cols), mask=t_mask, other=0.0)
+    t = t.to(tl.float32)
     # Row statistics: (raw maximum, log2 of the sum relative to it[, sum of q]).
     if TEACHER_LOGITS:
         y = t
@@ -148,8 +156,8 @@ def _dino_backward_kernel(
         q = tl.where(t_mask, tl.exp2((y - t_top[:, None]) * teacher_scale2 - t_log2sum[:, None]), 0.0)
     else:
         q = t
-    s_offsets = (s_rows[:, None] * B + b).to(tl.int64) * stride_s + cols[None, :]
-    s = tl.load(student_ptr + s_offsets, mask=s_mask, other=0.0).to(tl.float32)
+    s = tl.load(student_ptr + _image_rows_offsets(b, B, stride_s, s_rows, cols), mask=s_mask, other=0.0)
+    s = s.to(tl.float32)
     s_top = tl.load(s_stats_ptr + (b * S + s_rows) * 2, mask=s_valid, other=0.0)
     s_log2sum = tl.load(s_stats_ptr + (b * S + s_rows) * 2 + 1, mask=s_valid, other=0.0)
     p = tl.exp2((s - s_top[:, None]) * student_scale2 - s_log2sum[:, None])
@@ -161,8 +169,7 @@ def _dino_backward_kernel(
     mixed_q = tl.sum(pairs[:, :, None] * q[:, None, :], axis=0)
     scale = tl.load(sample_weight_ptr + b) * tl.load(grad_out_ptr) * student_scale
     grad = (p_weight[:, None] * p - mixed_q) * scale
-    g_offsets = (s_rows[:, None] * B + b).to(tl.int64) * stride_g + cols[None, :]
-    tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=s_mask)
+    tl.store(grad_ptr + _image_rows_offsets(b, B, stride_g, s_rows, cols), grad.to(grad_ptr.dtype.element_ty), mask=s_mask)
 
 
 def _launch_shape(K: int, n_student: int, n_teacher: int):
@@ -176,10 +183,19 @@ def _scales(student_temp: float, teacher_temp: Optional[float]):
     return 1.0 / student_temp, LOG2_E / student_temp, teacher_scale2
 
 
-def _dino_forward_triton(student, teacher, center, n_student, n_teacher, student_temp,
-                         teacher_temp, pair_weights, sample_weights):
-    """Returns (loss, student stats (B, S, 2), teacher stats (B, T, 3), column sum): per row
-    the raw maximum and the log2-sum relative to it (teacher: and the sum of q)."""
+class Partials(NamedTuple):
+    """Per-chunk statistics of a (rows, K) logits pair; see ``_dino_forward_kernel``.
+    Shapes (B, T | S [, S], chunks); ``column_sum`` (K,) or empty for probability targets."""
+
+    t_max: torch.Tensor
+    t_sum: torch.Tensor
+    s_max: torch.Tensor
+    s_sum: torch.Tensor
+    dots: torch.Tensor
+    column_sum: torch.Tensor
+
+
+def _forward_partials(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp) -> Partials:
     K = student.shape[1]
     B = student.shape[0] // n_student
     t_pad, s_pad, block_k, num_warps = _launch_shape(K, n_student, n_teacher)
@@ -206,15 +222,20 @@ def _dino_forward_triton(student, teacher, center, n_student, n_teacher, student
         TEACHER_LOGITS=teacher_logits, HAS_CENTER=center is not None,
         BLOCK_K=block_k, num_warps=num_warps,
     )
-    t_max, t_sum = t_max[:, :n_teacher], t_sum[:, :n_teacher]
-    s_max, s_sum = s_max[:, :n_student], s_sum[:, :n_student]
-    dots = dots[:, :n_teacher, :n_student]
+    column_sum = column_sums.sum(0) if teacher_logits else t_max.new_zeros(0)
+    return Partials(t_max[:, :n_teacher], t_sum[:, :n_teacher], s_max[:, :n_student],
+                    s_sum[:, :n_student], dots[:, :n_teacher, :n_student], column_sum)
 
+
+def _merge_partials(parts: Partials, student_temp, teacher_temp, pair_weights, sample_weights):
+    """Returns (loss, student stats (B, S, 2), teacher stats (B, T, 3)): per row the raw
+    maximum and the log2-sum relative to it (teacher: and the sum of q)."""
+    t_max, t_sum, s_max, s_sum, dots, _ = parts
     student_scale, student_scale2, teacher_scale2 = _scales(student_temp, teacher_temp)
     s_top, s_log2sum, _ = _merge_chunks(s_max, s_sum, student_scale2)
     # q . (z - z_max) per (image, teacher, student) from the chunks' q . (z - chunk max).
     shift_to_row_max = (s_max - s_top[..., None]) * student_scale  # (B, S, chunks), <= 0
-    if teacher_logits:
+    if teacher_temp is not None:
         t_top, t_log2sum, rescale = _merge_chunks(t_max, t_sum, teacher_scale2)
         t_sum = t_sum * rescale
         q_sum = torch.ones_like(t_top)
@@ -230,10 +251,9 @@ def _dino_forward_triton(student, teacher, center, n_student, n_teacher, student
     # CE = lse(z) * sum(q) - q . z = log-sum-exp of (z - z_max) * sum(q) - q . (z - z_max)
     ce = (s_log2sum * LN_2)[:, None, :] * q_sum[:, :, None] - q_dot_offset  # (B, T, S)
     loss = torch.einsum("bts,ts,b->", ce, pair_weights, sample_weights)
-    column_sum = column_sums.sum(0) if teacher_logits else None
     student_stats = torch.stack([s_top, s_log2sum], dim=-1)
     teacher_stats = torch.stack([t_top, t_log2sum, q_sum], dim=-1)
-    return loss, student_stats, teacher_stats, column_sum
+    return loss, student_stats, teacher_stats
 
 
 def _merge_chunks(chunk_max: torch.Tensor, chunk_sum: torch.Tensor, scale2: float):
@@ -272,19 +292,39 @@ def _optional_temp(teacher_temp: float) -> Optional[float]:
     return teacher_temp if teacher_temp > 0 else None
 
 
+@torch.library.custom_op("fastssl::dino_cross_entropy_partials", mutates_args=())
+def partials_op(
+    student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.Tensor],
+    n_student: int, n_teacher: int, student_temp: float, teacher_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel alone, for callers that merge partials of several K slices."""
+    parts = _forward_partials(student, teacher, center, n_student, n_teacher, student_temp,
+                              _optional_temp(teacher_temp))
+    return tuple(part.clone() if part._base is not None else part for part in parts)
+
+
+@partials_op.register_fake
+def _(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp):
+    K = student.shape[1]
+    B = student.shape[0] // n_student
+    n_chunks = triton.cdiv(K, _launch_shape(K, n_student, n_teacher)[2])
+    f32 = dict(device=student.device, dtype=torch.float32)
+    return (torch.empty((B, n_teacher, n_chunks), **f32), torch.empty((B, n_teacher, n_chunks), **f32),
+            torch.empty((B, n_student, n_chunks), **f32), torch.empty((B, n_student, n_chunks), **f32),
+            torch.empty((B, n_teacher, n_student, n_chunks), **f32),
+            torch.empty((K,) if teacher_temp > 0 else (0,), **f32))
+
+
 @torch.library.custom_op("fastssl::dino_cross_entropy_fwd", mutates_args=())
 def _forward_op(
     student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.Tensor],
     pair_weights: torch.Tensor, sample_weights: torch.Tensor,
     n_student: int, n_teacher: int, student_temp: float, teacher_temp: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, student_stats, teacher_stats, column_sum = _dino_forward_triton(
-        student, teacher, center, n_student, n_teacher, student_temp,
-        _optional_temp(teacher_temp), pair_weights, sample_weights,
-    )
-    if column_sum is None:
-        column_sum = student.new_zeros(0, dtype=torch.float32)
-    return loss, student_stats, teacher_stats, column_sum
+    teacher_temp = _optional_temp(teacher_temp)
+    parts = _forward_partials(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp)
+    loss, student_stats, teacher_stats = _merge_partials(parts, student_temp, teacher_temp, pair_weights, sample_weights)
+    return loss, student_stats, teacher_stats, parts.column_sum
 
 
 @_forward_op.register_fake
@@ -298,7 +338,7 @@ def _(student, teacher, center, pair_weights, sample_weights, n_student, n_teach
 
 
 @torch.library.custom_op("fastssl::dino_cross_entropy_bwd", mutates_args=())
-def _backward_op(
+def backward_op(
     grad_out: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
     center: Optional[torch.Tensor], student_stats: torch.Tensor, teacher_stats: torch.Tensor,
     pair_weights: torch.Tensor, sample_weights: torch.Tensor,
@@ -310,7 +350,7 @@ def _backward_op(
     )
 
 
-@_backward_op.register_fake
+@backward_op.register_fake
 def _(grad_out, student, teacher, center, student_stats, teacher_stats, pair_weights, sample_weights,
       n_student, n_teacher, student_temp, teacher_temp):
     return torch.empty_like(student)
@@ -324,7 +364,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused_grads):
-    grad = _backward_op(grad_loss, *ctx.saved_tensors, *ctx.constants)
+    grad = backward_op(grad_loss, *ctx.saved_tensors, *ctx.constants)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -365,12 +405,52 @@ def _check_inputs(student, teacher, center, n_student, n_teacher, pair_weights, 
         raise ValueError("student, teacher, center and weights must be on one device")
 
 
-def _why_not_triton(student: torch.Tensor, teacher: torch.Tensor) -> Reason:
-    if torch.float64 in (student.dtype, teacher.dtype):
+def kernel_dtype_reason(*tensors: torch.Tensor) -> Reason:
+    if any(t.dtype == torch.float64 for t in tensors):
         return "the kernels compute in float32; float64 input runs on the reference backend"
+    return None
+
+
+def _why_not_triton(student: torch.Tensor, teacher: torch.Tensor) -> Reason:
     if student.stride(1) != 1 or teacher.stride(1) != 1:
         return "the kernels need unit stride along K (call .contiguous())"
-    return None
+    return kernel_dtype_reason(student, teacher)
+
+
+class DINOInputs(NamedTuple):
+    n_student: int
+    n_teacher: int
+    student_temp: float
+    teacher_temp: Optional[float]
+    center: Optional[torch.Tensor]
+    pair_weights: torch.Tensor
+    sample_weights: torch.Tensor
+
+
+def prepare_dino_inputs(student, teacher, n_student_crops, n_teacher_crops, student_temp, teacher_temp,
+                        center, pair_weights, sample_weights, require_teacher_temp=False) -> DINOInputs:
+    """Check the arguments of the DINO cross-entropy ops (raising before any kernel runs)
+    and fill in the defaults: DINO's pair weights, uniform 1 / B sample weights."""
+    n_student = check_positive_int("n_student_crops", n_student_crops)
+    n_teacher = check_positive_int("n_teacher_crops", n_teacher_crops)
+    student_temp = check_positive_float("student_temp", student_temp)
+    if teacher_temp is not None or require_teacher_temp:
+        teacher_temp = check_positive_float("teacher_temp", teacher_temp)
+    elif center is not None:
+        raise ValueError("center applies to teacher logits: give teacher_temp, or no center")
+    check_float_tensor("student", student, min_dim=2)
+    device = student.device
+    if pair_weights is None:
+        pair_weights = dino_pair_weights(n_teacher, n_student, device)
+    if sample_weights is None:
+        B = student.shape[0] // n_student
+        sample_weights = torch.full((B,), 1.0 / max(B, 1), device=device)
+    _check_inputs(student, teacher, center, n_student, n_teacher, pair_weights, sample_weights)
+    return DINOInputs(
+        n_student, n_teacher, student_temp, teacher_temp,
+        None if center is None else center.detach().float().reshape(-1).contiguous(),
+        pair_weights.float().contiguous(), sample_weights.detach().float().contiguous(),
+    )
 
 
 def dino_cross_entropy(
@@ -403,41 +483,21 @@ def dino_cross_entropy(
         respect to ``student``, and the (K,) float32 sum of the teacher rows (for the DINO
         center; None for probability targets).
     """
-    n_student = check_positive_int("n_student_crops", n_student_crops)
-    n_teacher = check_positive_int("n_teacher_crops", n_teacher_crops)
-    student_temp = check_positive_float("student_temp", student_temp)
-    if teacher_temp is not None:
-        teacher_temp = check_positive_float("teacher_temp", teacher_temp)
-    elif center is not None:
-        raise ValueError("center applies to teacher logits: give teacher_temp, or no center")
-    check_float_tensor("student", student, min_dim=2)
-    device = student.device
-    if pair_weights is None:
-        pair_weights = dino_pair_weights(n_teacher, n_student, device)
-    if sample_weights is None and student.shape[0] % n_student == 0:
-        sample_weights = torch.full((student.shape[0] // n_student,), n_student / student.shape[0], device=device)
-    elif sample_weights is None:
-        sample_weights = torch.empty(0, device=device)  # rejected by the shape check below
-    _check_inputs(student, teacher, center, n_student, n_teacher, pair_weights, sample_weights)
-    pair_weights = pair_weights.float().contiguous()
-    sample_weights = sample_weights.detach().float().contiguous()
-    center = None if center is None else center.detach().float().reshape(-1).contiguous()
+    inputs = prepare_dino_inputs(student, teacher, n_student_crops, n_teacher_crops, student_temp,
+                                 teacher_temp, center, pair_weights, sample_weights)
     teacher = teacher.detach()
-
-    backend = select_backend("dino_cross_entropy", device, {
+    backend = select_backend("dino_cross_entropy", student.device, {
         "triton": lambda: _why_not_triton(student, teacher),
         "reference": lambda: None,
     })
     if backend == "reference":
-        return dino_cross_entropy_reference(
-            student, teacher, n_student, n_teacher, student_temp, teacher_temp, center,
-            pair_weights, sample_weights,
-        )
+        return dino_cross_entropy_reference(student, teacher, *inputs)
     loss, _, _, column_sum = _forward_op(
-        student, teacher, center, pair_weights, sample_weights, n_student, n_teacher,
-        student_temp, teacher_temp if teacher_temp is not None else 0.0,
+        student, teacher, inputs.center, inputs.pair_weights, inputs.sample_weights,
+        inputs.n_student, inputs.n_teacher, inputs.student_temp,
+        inputs.teacher_temp if inputs.teacher_temp is not None else 0.0,
     )
-    return loss, (column_sum.detach() if teacher_temp is not None else None)
+    return loss, (column_sum.detach() if inputs.teacher_temp is not None else None)
 
 
 def dino_cross_entropy_bytes(n_rows: int, K: int, dtype: torch.dtype, n_student_rows: int) -> dict:
