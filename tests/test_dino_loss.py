@@ -185,7 +185,11 @@ def test_center_checkpoints_with_the_module():
     restored = DINOLoss(20, 4, 0.04, 0.04, 0, 3)
     restored.load_state_dict(loss_fn.state_dict())
     torch.testing.assert_close(restored.center, loss_fn.center)
-    assert "_center.center" in loss_fn.state_dict()
+    assert list(loss_fn.state_dict()) == ["center"]  # the official key
+    official = DINOLossOriginal(20, 4, 0.04, 0.04, 0, 3)
+    official.center.normal_()
+    restored.load_state_dict(official.state_dict())  # an official checkpoint loads as is
+    torch.testing.assert_close(restored.center, official.center)
 
 
 @pytest.mark.parametrize(
@@ -417,3 +421,14 @@ def test_fused_head_loss_compiles():
         step(h, w).backward()
     torch.testing.assert_close(grads[0], h.grad)
     torch.testing.assert_close(grads[1], w.grad)
+
+
+def test_dinov2_teacher_methods_on_dino_loss():
+    loss_fn = DINOLoss(30, 4, 0.04, 0.04, 0, 2, async_center=True)
+    teacher = torch.randn(6, 30)
+    torch.testing.assert_close(loss_fn.softmax_center_teacher(teacher, 0.07), torch.softmax(teacher / 0.07, -1))
+    loss_fn.update_center(teacher)
+    loss_fn.apply_center_update()
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(0, keepdim=True))
+    q = loss_fn.sinkhorn_knopp_teacher(teacher, 0.07)
+    torch.testing.assert_close(q, fastssl.ops.sinkhorn_knopp(teacher, 0.07, 3))

@@ -36,49 +36,61 @@ def _stack_crops(name: str, value: Crops) -> torch.Tensor:
     return torch.cat(crops)
 
 
-class _Center(nn.Module):
-    """EMA of the mean teacher logits, ``c <- m c + (1 - m) sum_rows(t) / (rows * world)``.
+class _TeacherTargets:
+    """The teacher side shared by :class:`DINOLoss` and :class:`IBOTPatchLoss`: the center
+    buffer (named ``center`` as in the official checkpoints) and its EMA,
+    ``c <- m c + (1 - m) sum_rows(t) / (rows * world)``, synchronous (the official DINO) or
+    asynchronous (DINOv2: the all-reduce is launched in one step and applied at the start of
+    the next; only the (K,) row sum is reduced), plus DINOv2's teacher-target methods."""
 
-    Synchronous (the official DINO) or asynchronous (DINOv2: the all-reduce is launched in
-    one step and applied at the start of the next). Only the (K,) row sum is reduced.
-    """
-
-    def __init__(self, shape: tuple, momentum: float, async_update: bool, group: ProcessGroup):
-        super().__init__()
-        self.momentum = momentum
-        self.async_update = async_update
+    def _init_center(self, shape: tuple, momentum: float, async_update: bool, group: ProcessGroup) -> None:
+        self.center_momentum = momentum
+        self.async_center = async_update
         self.group = group
         self.register_buffer("center", torch.zeros(shape))
-        self._pending = None  # (row sum, rows, work handle or None)
+        self._pending_center = None  # (row sum, rows, all-reduce handle or None)
 
     @torch.no_grad()
-    def update(self, row_sum: torch.Tensor, rows: int) -> None:
-        """Start (async) or perform (sync) the update with this step's teacher row sum."""
+    def _start_center_update(self, row_sum: torch.Tensor, rows: int) -> None:
         group = resolve_group(self.group)
         row_sum = row_sum.float()
         work = None
         if group is not None:
-            work = dist.all_reduce(row_sum, group=group, async_op=self.async_update)
-        self._pending = (row_sum, rows * (1 if group is None else dist.get_world_size(group)), work)
-        if not self.async_update:
-            self.apply_pending()
+            work = dist.all_reduce(row_sum, group=group, async_op=self.async_center)
+        self._pending_center = (row_sum, rows * (1 if group is None else dist.get_world_size(group)), work)
+        if not self.async_center:
+            self.apply_center_update()
 
     @torch.no_grad()
-    def apply_pending(self) -> None:
-        """Fold a pending update into the center (call before saving a checkpoint)."""
-        if self._pending is None:
+    def apply_center_update(self) -> None:
+        """Fold a pending (asynchronous) center update in; call before saving a checkpoint."""
+        if self._pending_center is None:
             return
-        row_sum, rows, work = self._pending
-        if work is not None and self.async_update:
+        row_sum, rows, work = self._pending_center
+        if work is not None and self.async_center:
             work.wait()
         batch_center = (row_sum / rows).view(self.center.shape).to(self.center.device)
         # A new tensor, not an in-place update: the current center may be saved for the
         # backward of this step's loss.
-        self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
-        self._pending = None
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self._pending_center = None
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output, teacher_temp):
+        """``softmax((teacher_output - center) / teacher_temp)``, after applying a pending
+        center update (DINOv2)."""
+        self.apply_center_update()
+        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor=None, n_iterations=3):
+        """DINOv2's Sinkhorn-Knopp targets on :func:`fastssl.ops.sinkhorn_knopp`. iBOT passes
+        the global count of masked patches as B; the result does not depend on it (see
+        fastssl.reference.sinkhorn), so it is accepted and unused."""
+        return sinkhorn_knopp(teacher_output, eps=teacher_temp, n_iters=n_iterations, group=self.group)
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(_TeacherTargets, nn.Module):
     """The DINO loss (facebookresearch/dino ``DINOLoss``) on the fused kernel.
 
     Same constructor and ``forward(student_output, teacher_output, epoch)`` as the official
@@ -91,6 +103,7 @@ class DINOLoss(nn.Module):
       (DINOv2); call ``apply_center_update()`` before saving a checkpoint.
     - ``group``: process group for the center (default: the default group when
       torch.distributed is initialized, as the original).
+    - DINOv2's ``softmax_center_teacher``, ``sinkhorn_knopp_teacher`` and ``update_center``.
     - No (B, K) log-softmax per crop pair is kept: the fused op keeps O(rows) statistics.
     """
 
@@ -110,11 +123,7 @@ class DINOLoss(nn.Module):
                         check_positive_float("teacher_temp", teacher_temp), warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
         ))
-        self._center = _Center((1, out_dim), center_momentum, async_center, group)
-
-    @property
-    def center(self) -> torch.Tensor:
-        return self._center.center
+        self._init_center((1, out_dim), center_momentum, async_center, group)
 
     def teacher_temperature(self, epoch: int) -> float:
         if not 0 <= epoch < len(self.teacher_temp_schedule):
@@ -134,16 +143,19 @@ class DINOLoss(nn.Module):
 
     def _loss_and_center_update(self, loss_fn, tensors, teacher_rows: int, teacher_temp: float):
         """``loss_fn(*tensors, ...)`` with the current center, then the center update."""
-        self._center.apply_pending()
+        self.apply_center_update()
         loss, row_sum = loss_fn(
             *tensors, n_student_crops=self.ncrops, n_teacher_crops=2,
             student_temp=self.student_temp, teacher_temp=teacher_temp, center=self.center,
         )
-        self._center.update(row_sum, teacher_rows)
+        self._start_center_update(row_sum, teacher_rows)
         return loss
 
-    def apply_center_update(self) -> None:
-        self._center.apply_pending()
+    @torch.no_grad()
+    def update_center(self, teacher_output) -> None:
+        """DINOv2's center update from (rows, K) teacher logits, for use with
+        ``softmax_center_teacher``; ``forward`` updates the center by itself."""
+        self._start_center_update(teacher_output.float().sum(0), teacher_output.shape[0])
 
 
 class DINOHeadLoss(DINOLoss):
@@ -176,12 +188,13 @@ class DINOHeadLoss(DINOLoss):
             teacher_features.shape[0], self.teacher_temperature(epoch))
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(_TeacherTargets, nn.Module):
     """DINOv2's ``iBOTPatchLoss`` on the fused kernel: masked-patch rows, each weighted by
     1 / (masked patches of its image), summed and divided by the number of images.
 
     DINOv2-compatible methods: ``softmax_center_teacher(t, teacher_temp)``,
-    ``sinkhorn_knopp_teacher(t, teacher_temp, n_iterations=3)``, ``update_center(t)``,
+    ``sinkhorn_knopp_teacher(t, teacher_temp, n_masked_patches_tensor, n_iterations=3)``,
+    ``update_center(t)``,
     ``apply_center_update()`` and ``forward_masked(student_masked, teacher_masked,
     student_masks_flat, n_masked_patches=None, masks_weight=None)`` with teacher
     probabilities. Fused path: ``forward_masked(..., teacher_temp=T)`` takes the teacher's
@@ -195,32 +208,14 @@ class IBOTPatchLoss(nn.Module):
         super().__init__()
         self.patch_out_dim = check_positive_int("patch_out_dim", patch_out_dim)
         self.student_temp = check_positive_float("student_temp", student_temp)
-        self._center = _Center((1, 1, patch_out_dim), center_momentum, async_center, group)
-
-    @property
-    def center(self) -> torch.Tensor:
-        return self._center.center
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp):
-        self._center.apply_pending()
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor=None, n_iterations=3):
-        # DINOv2 passes the global count of masked patches as B; the result does not depend
-        # on it (see fastssl.reference.sinkhorn), so it is accepted and unused.
-        return sinkhorn_knopp(teacher_output, eps=teacher_temp, n_iters=n_iterations, group=self._center.group)
+        self._init_center((1, 1, patch_out_dim), center_momentum, async_center, group)
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens):
         tokens = teacher_patch_tokens.reshape(-1, teacher_patch_tokens.shape[-2], self.patch_out_dim) \
             if teacher_patch_tokens.dim() == 3 else teacher_patch_tokens.unsqueeze(0)
         # DINOv2: sum over images of the per-image mean over tokens.
-        self._center.update(tokens.float().mean(1).sum(0), tokens.shape[0])
-
-    def apply_center_update(self) -> None:
-        self._center.apply_pending()
+        self._start_center_update(tokens.float().mean(1).sum(0), tokens.shape[0])
 
     def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
                        n_masked_patches=None, masks_weight=None, teacher_temp=None):
@@ -240,7 +235,7 @@ class IBOTPatchLoss(nn.Module):
                              f"got shape {tuple(masks_weight.shape)}")
         n_images = student_masks_flat.shape[0]
         if teacher_temp is not None:
-            self._center.apply_pending()
+            self.apply_center_update()
         loss, row_sum = dino_cross_entropy(
             student, teacher, n_student_crops=1, n_teacher_crops=1, student_temp=self.student_temp,
             teacher_temp=teacher_temp, center=self.center if teacher_temp is not None else None,
@@ -248,7 +243,7 @@ class IBOTPatchLoss(nn.Module):
             sample_weights=masks_weight.float() / n_images,
         )
         if teacher_temp is not None:
-            self._center.update(row_sum, teacher.shape[0])
+            self._start_center_update(row_sum, teacher.shape[0])
         return loss
 
 
