@@ -58,7 +58,7 @@ def compile_instead_of_launch(self, *args, grid, warmup=False, **kwargs):
 
 
 def run_launchers():
-    from fastssl.ops import dino_loss, sinkhorn
+    from fastssl.ops import barlow_twins, dino_loss, sinkhorn
     from fastssl.ops.dino_loss import dino_pair_weights
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -72,6 +72,11 @@ def run_launchers():
             stats_s, stats_t = torch.zeros(B, S, 2), torch.zeros(B, T, 3)
             dino_loss._dino_backward_triton(torch.ones(()), student, teacher, center, stats_s, stats_t,
                                             pairs, weights, S, T, 0.1, teacher_temp)
+        N, D = 256, 8192
+        z, stats, ones = torch.zeros(N, D, dtype=dtype), torch.zeros(D), torch.ones(1)
+        barlow_twins._standardize_pair(z, z, stats, stats, stats, stats)
+        zn = torch.zeros(N, D)
+        barlow_twins._standardize_backward(z, zn, zn, stats, stats, 1e-3, N, ones, 2, None, dtype)
 
 
 def main() -> int:

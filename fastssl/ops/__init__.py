@@ -1,7 +1,9 @@
 """Functional API: one module per op (kernels beside their launcher and custom op)."""
 
+from fastssl.ops.barlow_twins import barlow_twins_loss
 from fastssl.ops.dino_head_loss import dino_head_cross_entropy
 from fastssl.ops.dino_loss import dino_cross_entropy
 from fastssl.ops.sinkhorn import sinkhorn_knopp
+from fastssl.ops.vicreg import vicreg_loss
 
-__all__ = ["dino_cross_entropy", "dino_head_cross_entropy", "sinkhorn_knopp"]
+__all__ = ["barlow_twins_loss", "dino_cross_entropy", "dino_head_cross_entropy", "sinkhorn_knopp", "vicreg_loss"]

@@ -1,0 +1,293 @@
+"""Barlow Twins loss without a D x D buffer when N < D, autograd-correct across ranks.
+
+With z1n, z2n the batch-standardized embeddings (N, D) (statistics over the global batch,
+biased variance, as BatchNorm1d(affine=False) under SyncBatchNorm) and C = z1n.T z2n / N:
+
+    L = sum_i (1 - C_ii)^2 + lambd * (sum_ij C_ij^2 - sum_i C_ii^2)
+    sum_ij C_ij^2 = <G1, G2>_F / N^2,   G1 = z1n z1n.T,  G2 = z2n z2n.T   (N x N)
+    C_ii = sum_b z1n[b, i] z2n[b, i] / N
+
+and, with d_i = -2 (1 - C_ii) - 2 lambd C_ii,
+
+    dL/dz1n = (2 lambd / N^2) G2 z1n + z2n * d / N    (Gram form, O(N^2 D))
+            = (2 lambd / N) z2n C.T  + z2n * d / N    (C form, O(N D^2))
+
+The Gram form is used when N < D (never allocating D x D), the C form otherwise. The
+matmuls run on cuBLAS; two Triton kernels do the rest in single passes:
+
+- ``_standardize_pair_kernel``: z1n, z2n (float32) from the column statistics, and the
+  column sums of z1n * z2n (N * C_ii). Reads 2 N D e bytes (e: bytes per input element),
+  writes 8 N D. The matmuls take z1n, z2n cast to the inputs' dtype (tensor cores, like
+  the official loss under autocast); the diagonal and the backward use the float32 values.
+- ``_standardize_backward_kernel``: forms dzn = alpha * gram_term + other * d / N on the fly
+  and applies the standardization's backward,
+  dz = rstd * (dzn - mean_b(dzn) - zn * mean_b(dzn * zn)); the two means come from the
+  same kernel run in its ``SUMS`` mode first. Each mode reads 3 N D e bytes.
+
+Distributed (the batch split over ranks): statistics and C_ii are all-reduced as D-vectors.
+Gram form: each rank all-gathers z1n and z2n (2 N_global D e bytes received) and computes
+its own rows of G1, G2 and of the gradient; C form: C is all-reduced (D^2 floats). Every
+rank returns the global loss, and its gradients are scaled by the world size so that DDP's
+average over ranks yields the gradient of that loss (the official code's all-reduce of C
+is not autograd-aware and gives gradients 1/world_size too small).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from fastssl._checks import check_float_tensor, check_positive_float
+from fastssl.backend import select_backend
+from fastssl.distributed import ProcessGroup, resolve_group
+from fastssl.ops.dino_loss import kernel_dtype_reason
+from fastssl.reference.barlow_twins import barlow_twins_loss_original
+
+BLOCK_N, BLOCK_D = 32, 128
+
+
+@triton.jit
+def _standardize_pair_kernel(
+    z1_ptr, z2_ptr, mean1_ptr, rstd1_ptr, mean2_ptr, rstd2_ptr, out1_ptr, out2_ptr, diag_ptr,
+    N, D, rows_per_split, stride1, stride2,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Columns of program_id(0), rows of split program_id(1): write z1n, z2n in float32 and
+    diag[split, col] = sum over the split's rows of z1n * z2n."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    mean1 = tl.load(mean1_ptr + cols, mask=col_mask, other=0.0)
+    rstd1 = tl.load(rstd1_ptr + cols, mask=col_mask, other=0.0)
+    mean2 = tl.load(mean2_ptr + cols, mask=col_mask, other=0.0)
+    rstd2 = tl.load(rstd2_ptr + cols, mask=col_mask, other=0.0)
+    diag = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = tl.program_id(1) * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
+    for r0 in range(start, end, BLOCK_N):
+        rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask = (rows < end)[:, None] & col_mask[None, :]
+        a = tl.load(z1_ptr + rows[:, None] * stride1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(z2_ptr + rows[:, None] * stride2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = (a - mean1[None, :]) * rstd1[None, :]
+        b = (b - mean2[None, :]) * rstd2[None, :]
+        tl.store(out1_ptr + rows[:, None] * D + cols[None, :], a, mask=mask)
+        tl.store(out2_ptr + rows[:, None] * D + cols[None, :], b, mask=mask)
+        diag += tl.sum(tl.where(mask, a * b, 0.0), axis=0)
+    tl.store(diag_ptr + tl.program_id(1) * D + cols, diag, mask=col_mask)
+
+
+@triton.jit
+def _standardize_backward_kernel(
+    gram_ptr, other_ptr, zn_ptr, d_ptr, rstd_ptr, sums_ptr, grad_loss_ptr, out_ptr,
+    N, D, rows_per_split, alpha, inv_n, world,
+    SUMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dzn = alpha * gram + other * d / N, formed on the fly (all (N, D) contiguous).
+
+    SUMS: sums[split, 0 | 1, col] = column sums of dzn | dzn * zn over the split's rows.
+    Otherwise: out = grad_loss * world * rstd * (dzn - sums[0] / N_global - zn * sums[1] / N_global),
+    with ``sums`` (2, D) already reduced over splits and ranks (inv_n = 1 / N_global).
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    d = tl.load(d_ptr + cols, mask=col_mask, other=0.0)
+    if SUMS:
+        sum_dzn = tl.zeros([BLOCK_D], dtype=tl.float32)
+        sum_dzn_zn = tl.zeros([BLOCK_D], dtype=tl.float32)
+    else:
+        rstd = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0) * (tl.load(grad_loss_ptr) * world)
+        mean_dzn = tl.load(sums_ptr + cols, mask=col_mask, other=0.0) * inv_n
+        mean_dzn_zn = tl.load(sums_ptr + D + cols, mask=col_mask, other=0.0) * inv_n
+    start = tl.program_id(1) * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
+    for r0 in range(start, end, BLOCK_N):
+        rows = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask = (rows < end)[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        gram = tl.load(gram_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        other = tl.load(other_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        zn = tl.load(zn_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dzn = alpha * gram + other * (d * inv_n)[None, :]
+        if SUMS:
+            sum_dzn += tl.sum(dzn, axis=0)
+            sum_dzn_zn += tl.sum(dzn * zn, axis=0)
+        else:
+            dz = rstd[None, :] * (dzn - mean_dzn[None, :] - zn * mean_dzn_zn[None, :])
+            tl.store(out_ptr + offsets, dz.to(out_ptr.dtype.element_ty), mask=mask)
+    if SUMS:
+        tl.store(sums_ptr + (tl.program_id(1) * 2) * D + cols, sum_dzn, mask=col_mask)
+        tl.store(sums_ptr + (tl.program_id(1) * 2 + 1) * D + cols, sum_dzn_zn, mask=col_mask)
+
+
+def _row_splits(N: int, D: int, device: torch.device):
+    """Rows per program so that the (D blocks x splits) grid fills the device."""
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(triton.cdiv(N, BLOCK_N), triton.cdiv(target, triton.cdiv(D, BLOCK_D))))
+    rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
+    return triton.cdiv(N, rows_per_split), rows_per_split
+
+
+def _matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with inputs in their dtype and a float32 result: Gram and cross-correlation
+    entries sum D (or N) products and must not be rounded to bfloat16 before the loss."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _global_mean_rstd(z: torch.Tensor, eps: float, group: ProcessGroup, n_global: int):
+    """Column mean and 1 / sqrt(biased variance + eps) over the global batch, in float32
+    (two all-reduces of D floats when distributed: the sum, then the squared deviations)."""
+    z = z.float()
+    if group is None:
+        var, mean = torch.var_mean(z, dim=0, unbiased=False)
+    else:
+        mean = _all_reduce(z.sum(0), group) / n_global
+        var = _all_reduce((z - mean).square().sum(0), group) / n_global
+    return mean, torch.rsqrt(var + eps)
+
+
+def _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
+    N, D = z1.shape
+    splits, rows_per_split = _row_splits(N, D, z1.device)
+    z1n = torch.empty((N, D), dtype=torch.float32, device=z1.device)
+    z2n = torch.empty((N, D), dtype=torch.float32, device=z2.device)
+    diag = torch.empty((splits, D), dtype=torch.float32, device=z1.device)
+    _standardize_pair_kernel[(triton.cdiv(D, BLOCK_D), splits)](
+        z1, z2, mean1, rstd1, mean2, rstd2, z1n, z2n, diag, N, D, rows_per_split,
+        z1.stride(0), z2.stride(0), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+    )
+    return z1n, z2n, diag.sum(0)
+
+
+def _standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, world, group, out_dtype):
+    N, D = zn.shape
+    splits, rows_per_split = _row_splits(N, D, zn.device)
+    grid = (triton.cdiv(D, BLOCK_D), splits)
+    sums = torch.empty((splits, 2, D), dtype=torch.float32, device=zn.device)
+    common = dict(BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, None, N, D, rows_per_split,
+                                       alpha, 1.0 / n_global, float(world), SUMS=True, **common)
+    sums = _all_reduce(sums.sum(0), group)
+    dz = torch.empty((N, D), dtype=out_dtype, device=zn.device)
+    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, dz, N, D, rows_per_split,
+                                       alpha, 1.0 / n_global, float(world), SUMS=False, **common)
+    return dz
+
+
+class _BarlowTwins(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, lambd, eps, group, gram_form):
+        world = 1 if group is None else dist.get_world_size(group)
+        n_global = z1.shape[0] * world
+        mean1, rstd1 = _global_mean_rstd(z1, eps, group, n_global)
+        mean2, rstd2 = _global_mean_rstd(z2, eps, group, n_global)
+        z1n, z2n, diag_sum = _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2)
+        c_diag = _all_reduce(diag_sum, group) / n_global
+        # Matmul operands in the inputs' dtype (torch's cast rounds to nearest even). The
+        # diagonal removed from sum_ij C_ij^2 must come from the same rounded operands, so
+        # that the difference is exactly the off-diagonal part of the C the matmuls see.
+        mm1, mm2 = z1n.to(z1.dtype), z2n.to(z2.dtype)
+        mm_diag = c_diag
+        if mm1.dtype != torch.float32 or mm2.dtype != torch.float32:
+            mm_diag = _all_reduce((mm1.float() * mm2.float()).sum(0), group) / n_global
+
+        if gram_form:
+            all1, all2 = mm1, mm2
+            if group is not None:
+                all1 = mm1.new_empty((n_global, mm1.shape[1]))
+                all2 = mm2.new_empty((n_global, mm2.shape[1]))
+                dist.all_gather_into_tensor(all1, mm1, group=group)
+                dist.all_gather_into_tensor(all2, mm2, group=group)
+            g1_rows, g2_rows = _matmul_float32(mm1, all1.t()), _matmul_float32(mm2, all2.t())  # this rank's rows
+            frobenius = _all_reduce((g1_rows * g2_rows).sum(), group) / n_global**2
+            saved = (g1_rows, g2_rows, all1, all2)
+        else:
+            c = _all_reduce(_matmul_float32(mm1.t(), mm2), group) / n_global
+            frobenius = c.square().sum()
+            saved = (c, mm1, mm2)
+        loss = (1 - c_diag).square().sum() + lambd * (frobenius - mm_diag.square().sum())
+
+        ctx.save_for_backward(z1n, z2n, rstd1, rstd2, c_diag, mm_diag, *saved)
+        ctx.constants = (lambd, group, gram_form, n_global, world, z1.dtype, z2.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z1n, z2n, rstd1, rstd2, c_diag, mm_diag, *saved = ctx.saved_tensors
+        lambd, group, gram_form, n_global, world, dtype1, dtype2 = ctx.constants
+        d = (-2 * (1 - c_diag) - 2 * lambd * mm_diag).contiguous()
+        # The gradient matmuls run in the inputs' dtype (tensor cores), like the official
+        # loss's backward under autocast, which casts dL/dC to bfloat16.
+        if gram_form:
+            g1_rows, g2_rows, all1, all2 = saved
+            gram1, gram2 = g2_rows.to(all1.dtype) @ all1, g1_rows.to(all2.dtype) @ all2
+            alpha = 2 * lambd / n_global**2
+        else:
+            c, mm1, mm2 = saved
+            gram1, gram2 = mm2 @ c.t().to(mm2.dtype), mm1 @ c.to(mm1.dtype)
+            alpha = 2 * lambd / n_global
+        # DDP averages gradients over ranks and every rank's loss is the global one, so each
+        # rank's gradients are scaled by the world size.
+        grad_loss = grad_loss.float().reshape(1).contiguous()
+        dz1 = _standardize_backward(gram1.contiguous(), z2n, z1n, d, rstd1, alpha, n_global, grad_loss, world,
+                                    group, dtype1)
+        dz2 = _standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha, n_global, grad_loss, world,
+                                    group, dtype2)
+        return dz1, dz2, None, None, None, None
+
+
+def _check(z1, z2):
+    check_float_tensor("z1", z1, min_dim=2)
+    check_float_tensor("z2", z2, min_dim=2)
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must be (N, D) of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.device != z2.device:
+        raise ValueError(f"z1 and z2 must share one device, got {z1.device} and {z2.device}")
+
+
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, eps: float = 1e-5,
+    group: ProcessGroup = None, formulation: str = "auto",
+) -> torch.Tensor:
+    """The Barlow Twins loss of two (N, D) embedding batches (facebookresearch/barlowtwins).
+
+    Args:
+        z1, z2: (N_local, D) projector outputs of the two views; any float dtype (matmuls in
+            it, statistics and reductions in float32).
+        lambd: weight of the off-diagonal term (0.0051); eps: BatchNorm's eps (1e-5).
+        group: process group the batch is split over (default: the default group when
+            torch.distributed is initialized); standardization and C use the global batch.
+        formulation: "gram" (N x N Gram matrices, no D x D buffer), "cross" (the D x D
+            cross-correlation), or "auto": "gram" when N_global < D.
+    Returns:
+        The scalar float32 loss, the same on every rank.
+    """
+    _check(z1, z2)
+    lambd = float(lambd)
+    eps = check_positive_float("eps", eps)
+    if formulation not in ("auto", "gram", "cross"):
+        raise ValueError(f"formulation must be 'auto', 'gram' or 'cross', got {formulation!r}")
+    group = resolve_group(group)
+    n_global = z1.shape[0] * (1 if group is None else dist.get_world_size(group))
+    if n_global < 2:
+        raise ValueError(f"the global batch must hold at least 2 samples to standardize, got {n_global}")
+    gram_form = formulation == "gram" or (formulation == "auto" and n_global < z1.shape[1])
+    backend = select_backend("barlow_twins_loss", z1.device, {
+        "triton": lambda: kernel_dtype_reason(z1, z2),
+        "reference": lambda: None if group is None else "the reference runs in one process only",
+    })
+    if backend == "reference":
+        return barlow_twins_loss_original(z1.float() if z1.dtype != torch.float64 else z1,
+                                          z2.float() if z2.dtype != torch.float64 else z2, lambd, eps)
+    return _BarlowTwins.apply(z1.contiguous(), z2.contiguous(), lambd, eps, group, gram_form)

@@ -1,0 +1,200 @@
+import os
+
+import pytest
+import torch
+from accuracy import assert_accurate, output_rounding
+from conftest import kernel_devices
+from distributed import run_distributed
+
+import fastssl
+from fastssl.nn import BarlowTwinsLoss, VICRegLoss
+from fastssl.ops import barlow_twins_loss
+from fastssl.reference.barlow_twins import barlow_twins_loss_original, vicreg_loss_original
+
+
+def loss_and_grads(fn, z1, z2):
+    a, b = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    loss = fn(a, b)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+def embeddings(N, D, dtype=torch.float32, device="cpu"):
+    z1 = torch.randn(N, D, device=device) * 2 + 1
+    z2 = 0.7 * z1 + 0.5 * torch.randn(N, D, device=device)  # correlated views
+    return z1.to(dtype), z2.to(dtype)
+
+
+# N = 2 is left out: standardization maps every column to +-1 and the gradient vanishes.
+SHAPES = [(3, 5), (16, 100), (37, 257), (100, 40), (64, 64), (7, 129)]
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("formulation", ["auto", "gram", "cross"])
+@pytest.mark.parametrize("N,D", SHAPES, ids=[str(s) for s in SHAPES])
+def test_loss_and_gradients_equal_official(kernel_device, dtype, formulation, N, D, poisoned_outputs):
+    z1, z2 = embeddings(N, D, dtype, kernel_device)
+    with fastssl.use_backend("triton"):
+        loss, g1, g2 = loss_and_grads(lambda a, b: barlow_twins_loss(a, b, formulation=formulation), z1, z2)
+    exact = loss_and_grads(barlow_twins_loss_original, z1.double(), z2.double())
+    # Baseline: the official loss as it runs under autocast: statistics in float32, the
+    # cross-correlation matmul in the input dtype.
+    base = loss_and_grads(lambda a, b: barlow_twins_loss_original(a.float(), b.float()), z1, z2) \
+        if dtype == torch.float32 else _autocast_official(z1, z2)
+    assert g1.dtype == dtype
+    loss_atol = output_rounding(exact[0], torch.float32) + operand_rounding(z1, z2, dtype)
+    assert_accurate(loss, base[0], exact[0], atol=loss_atol, what="loss")
+    for got, baseline, expected, cancellation in zip((g1, g2), base[1:], exact[1:],
+                                                     standardization_cancellation(z1, z2)):
+        atol = output_rounding(expected, dtype) + cancellation
+        assert_accurate(got, baseline, expected, atol=atol, what="gradient")
+
+
+def standardized_gradients(z1, z2):
+    """float64 (zn, dL/dzn) for both views, and 1 / std per column."""
+    zn = [torch.nn.functional.batch_norm(z.double(), None, None, training=True, eps=1e-5).requires_grad_()
+          for z in (z1, z2)]
+    c = zn[0].T @ zn[1] / z1.shape[0]
+    off = c - torch.diag(torch.diagonal(c))
+    (torch.diagonal(c).add(-1).pow(2).sum() + 0.0051 * off.pow(2).sum()).backward()
+    rstd = [torch.rsqrt(z.double().var(0, unbiased=False) + 1e-5) for z in (z1, z2)]
+    return [(z.detach(), z.grad) for z in zn], rstd
+
+
+def operand_rounding(z1, z2, dtype) -> float:
+    """First-order change of the loss when the standardized operands of the matmul are
+    rounded to ``dtype`` (half a unit in the last place each), which any implementation
+    running the matmul in ``dtype`` incurs: 2**-9 * sum |dL/dzn| * |zn| for bfloat16."""
+    if dtype == torch.float32:
+        return 0.0
+    pairs, _ = standardized_gradients(z1, z2)
+    return torch.finfo(dtype).eps / 2 * sum((g * z).abs().sum().item() for z, g in pairs)
+
+
+def standardization_cancellation(z1, z2) -> list:
+    """The standardization's backward subtracts from dL/dzn its projection on (1, zn); for
+    small N the result is much smaller than dL/dzn, and float32 rounding is relative to
+    rstd * |dL/dzn|, not to the result: a few units of that, per view."""
+    pairs, rstd = standardized_gradients(z1, z2)
+    return [4 * torch.finfo(torch.float32).eps * r.max().item() * g.abs().max().item()
+            for (_, g), r in zip(pairs, rstd)]
+
+
+def _autocast_official(z1, z2):
+    """The official loss with BatchNorm in float32 and the matmul in bfloat16."""
+    def official(a, b):
+        a_n = torch.nn.functional.batch_norm(a.float(), None, None, training=True, eps=1e-5)
+        b_n = torch.nn.functional.batch_norm(b.float(), None, None, training=True, eps=1e-5)
+        c = (a_n.bfloat16().T @ b_n.bfloat16()).float() / a.shape[0]
+        off = c - torch.diag(torch.diagonal(c))
+        return torch.diagonal(c).add(-1).pow(2).sum() + 0.0051 * off.pow(2).sum()
+    return loss_and_grads(official, z1, z2)
+
+
+def test_gram_form_allocates_no_d_by_d_buffer(monkeypatch):
+    z1, z2 = embeddings(8, 300)
+    sizes = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def recording_matmul(a, b):
+        out = real_matmul(a, b)
+        sizes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording_matmul)
+    with fastssl.use_backend("triton"):
+        loss_and_grads(lambda a, b: barlow_twins_loss(a, b), z1, z2)
+    assert sizes and all(300 not in shape or shape != (300, 300) for shape in sizes), sizes
+    assert (8, 8) in sizes
+
+
+def test_module_and_reference_backend():
+    z1, z2 = embeddings(16, 50, torch.float64)
+    module = BarlowTwinsLoss(lambd=0.01)
+    torch.testing.assert_close(module(z1, z2), barlow_twins_loss_original(z1, z2, lambd=0.01))
+    assert "lambd=0.01" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "z1,z2,kwargs,error,message",
+    [
+        (torch.randn(8, 4), torch.randn(8, 5), {}, ValueError, r"z1 and z2 must be \(N, D\) of one shape"),
+        (torch.randn(1, 4), torch.randn(1, 4), {}, ValueError, "at least 2 samples"),
+        (torch.randn(8), torch.randn(8), {}, ValueError, "z1 must have at least 2 dimensions"),
+        (torch.randn(8, 4).long(), torch.randn(8, 4), {}, TypeError, "z1 must be float"),
+        (torch.randn(8, 4), torch.randn(8, 4), {"formulation": "dense"}, ValueError, "formulation must be"),
+        (torch.randn(8, 4), torch.randn(8, 4), {"eps": 0.0}, ValueError, "eps must be a finite number > 0"),
+    ],
+)
+def test_bad_input(z1, z2, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        barlow_twins_loss(z1, z2, **kwargs)
+
+
+def _worker(rank, world, formulation, z1, z2, out_dir):
+    a = z1.chunk(world)[rank].clone().requires_grad_()
+    b = z2.chunk(world)[rank].clone().requires_grad_()
+    with fastssl.use_backend("triton"):
+        loss = barlow_twins_loss(a, b, formulation=formulation)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "g1": a.grad, "g2": b.grad}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+@pytest.mark.parametrize("formulation", ["gram", "cross"])
+def test_two_ranks_equal_one_process(formulation, tmp_path):
+    z1, z2 = embeddings(2 * 12, 40)
+    run_distributed(_worker, formulation, z1, z2, str(tmp_path))
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    loss, g1, g2 = loss_and_grads(barlow_twins_loss_original, z1, z2)
+    for part in parts:  # every rank returns the global loss
+        torch.testing.assert_close(part["loss"], loss, rtol=1e-5, atol=1e-5)
+    # DDP averages the ranks' gradients: each rank's gradient / 2 is the true one.
+    torch.testing.assert_close(torch.cat([p["g1"] for p in parts]) / 2, g1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p["g2"] for p in parts]) / 2, g2, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- VICReg
+
+
+@pytest.mark.parametrize("formulation", ["gram", "cross"])
+@pytest.mark.parametrize("N,D", [(16, 100), (100, 40), (7, 129)])
+def test_vicreg_equals_official(formulation, N, D):
+    x, y = embeddings(N, D, torch.float64)
+    x = x * 0.3  # some features below unit std, so the hinge is active
+    loss, gx, gy = loss_and_grads(lambda a, b: VICRegLoss(formulation=formulation)(a, b), x, y)
+    expected, ex, ey = loss_and_grads(vicreg_loss_original, x, y)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gy, ey, rtol=1e-9, atol=1e-12)
+
+
+def test_vicreg_bf16_inputs_compute_in_float32():
+    x, y = embeddings(16, 100, torch.bfloat16)
+    loss = VICRegLoss()(x, y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, vicreg_loss_original(x.float(), y.float()))
+
+
+def _vicreg_worker(rank, world, x, y, out_dir):
+    a = x.chunk(world)[rank].clone().requires_grad_()
+    b = y.chunk(world)[rank].clone().requires_grad_()
+    loss = VICRegLoss()(a, b)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "gx": a.grad, "gy": b.grad}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_vicreg_two_ranks_equal_official_semantics(tmp_path):
+    x, y = embeddings(2 * 10, 30, torch.float64)
+    run_distributed(_vicreg_worker, x, y, str(tmp_path))
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    # The official code's invariance term is per rank; variance and covariance are global.
+    # DDP's average of the ranks' gradients equals the gradient of the mean of their losses.
+    def mean_of_rank_losses(a, b):
+        halves = zip(a.chunk(2), b.chunk(2))
+        repr_loss = sum(torch.nn.functional.mse_loss(p, q) for p, q in halves) / 2
+        return vicreg_loss_original(a, b) - 25 * torch.nn.functional.mse_loss(a, b) + 25 * repr_loss
+    loss, gx, gy = loss_and_grads(mean_of_rank_losses, x, y)
+    torch.testing.assert_close(sum(p["loss"] for p in parts) / 2, loss)
+    torch.testing.assert_close(torch.cat([p["gx"] for p in parts]) / 2, gx)
+    torch.testing.assert_close(torch.cat([p["gy"] for p in parts]) / 2, gy)
