@@ -132,6 +132,16 @@ def test_bad_input(z1, z2, kwargs, error, message):
         barlow_twins_loss(z1, z2, **kwargs)
 
 
+@pytest.mark.parametrize("loss_fn", [barlow_twins_loss, lambda a, b: VICRegLoss()(a, b)], ids=["barlow", "vicreg"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_raises(loss_fn, backend, bad):
+    z1, z2 = embeddings(8, 20)
+    z2[3, 7] = bad
+    with fastssl.use_backend(backend), pytest.raises(ValueError, match=r"(z2|y) contains NaN or infinite values"):
+        loss_fn(z1, z2)
+
+
 def _worker(rank, world, formulation, z1, z2, out_dir):
     a = z1.chunk(world)[rank].clone().requires_grad_()
     b = z2.chunk(world)[rank].clone().requires_grad_()

@@ -157,6 +157,14 @@ def _global_mean_rstd(z: torch.Tensor, eps: float, group: ProcessGroup, n_global
     return mean, torch.rsqrt(var + eps)
 
 
+def raise_if_not_finite(**column_statistics: torch.Tensor) -> None:
+    """A NaN or infinity anywhere in a column makes its statistic non-finite: one check on
+    (D,) vectors (and one synchronization) covers the whole input, before any matmul."""
+    for name, statistic in column_statistics.items():
+        if not bool(torch.isfinite(statistic).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
     N, D = z1.shape
     splits, rows_per_split = _row_splits(N, D, z1.device)
@@ -192,6 +200,7 @@ class _BarlowTwins(torch.autograd.Function):
         n_global = z1.shape[0] * world
         mean1, rstd1 = _global_mean_rstd(z1, eps, group, n_global)
         mean2, rstd2 = _global_mean_rstd(z2, eps, group, n_global)
+        raise_if_not_finite(z1=mean1 + rstd1, z2=mean2 + rstd2)
         z1n, z2n, diag_sum = _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2)
         c_diag = _all_reduce(diag_sum, group) / n_global
         # Matmul operands in the inputs' dtype (torch's cast rounds to nearest even). The
@@ -288,6 +297,7 @@ def barlow_twins_loss(
         "reference": lambda: None if group is None else "the reference runs in one process only",
     })
     if backend == "reference":
+        raise_if_not_finite(z1=z1.sum(0), z2=z2.sum(0))
         return barlow_twins_loss_original(z1.float() if z1.dtype != torch.float64 else z1,
                                           z2.float() if z2.dtype != torch.float64 else z2, lambd, eps)
     return _BarlowTwins.apply(z1.contiguous(), z2.contiguous(), lambd, eps, group, gram_form)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastssl.distributed import ProcessGroup, resolve_group
-from fastssl.ops.barlow_twins import _check
+from fastssl.ops.barlow_twins import _check, raise_if_not_finite
 
 
 def _gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -61,6 +61,7 @@ def vicreg_loss(
         raise ValueError(f"the global batch must hold at least 2 samples for a variance, got {n_global}")
     compute = torch.promote_types(x.dtype, torch.float32)
     x, y = x.to(compute), y.to(compute)
+    raise_if_not_finite(x=x.detach().sum(0), y=y.detach().sum(0))
     gram_form = formulation == "gram" or (formulation == "auto" and n_global < x.shape[1])
     repr_loss = F.mse_loss(x, y)
     std_x, cov_x = _variance_and_covariance_terms(_gather(x, group), gram_form)
