@@ -17,6 +17,7 @@ import torch
 import fastssl
 from fastssl.benchmark import Case, Contender, compiled, parse_args, run_benchmark
 from fastssl.nn import DINOHead, DINOHeadLoss, DINOLoss, IBOTPatchLoss
+from fastssl.ops.dino_loss import dino_cross_entropy_bytes
 from fastssl.reference.dino import DINOLossOriginal, ibot_patch_loss_original
 
 # name, images per GPU, crops, K, dtype
@@ -33,10 +34,6 @@ def forward_backward(loss_fn, student, *args):
         student.grad = None
         loss_fn(student, *args).backward()
     return step
-
-
-def fwd_bwd_bytes(rows: int, student_rows: int, K: int, dtype) -> int:
-    return (2 * rows + student_rows) * K * torch.empty((), dtype=dtype).element_size()
 
 
 def dino_case(device, smoke, args, name, B, ncrops, K, dtype):
@@ -60,7 +57,7 @@ def dino_case(device, smoke, args, name, B, ncrops, K, dtype):
         contenders.append(Contender("official (torch.compile)",
                                     forward_backward(lambda s, t: official_compiled(s, t, 10), student, teacher)))
     rows = (ncrops + 2) * B
-    return Case(name, contenders, min_bytes=fwd_bwd_bytes(rows, ncrops * B, K, dtype),
+    return Case(name, contenders, min_bytes=dino_cross_entropy_bytes(rows, ncrops * B, K, dtype),
                 params={"B": B, "ncrops": ncrops, "K": K, "dtype": str(dtype)})
 
 
@@ -91,7 +88,7 @@ def ibot_case(device, smoke, args):
     official_compiled = compiled(official_loss, args)
     if official_compiled is not None:
         contenders.append(Contender("official (torch.compile)", forward_backward(official_compiled, student, teacher)))
-    return Case(name, contenders, min_bytes=fwd_bwd_bytes(2 * n_masked, n_masked, K, dtype),
+    return Case(name, contenders, min_bytes=dino_cross_entropy_bytes(2 * n_masked, n_masked, K, dtype),
                 params={"masked_patches": n_masked, "K": K, "dtype": str(dtype)})
 
 

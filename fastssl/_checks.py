@@ -4,7 +4,6 @@ kernel runs."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 
@@ -41,11 +40,3 @@ def check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
-
-
-def check_same_device(names: Iterable[str], tensors: Iterable[torch.Tensor]) -> None:
-    names, tensors = list(names), list(tensors)
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
-        raise ValueError(f"tensors must share one device: {listing}")

@@ -198,7 +198,8 @@ def test_center_checkpoints_with_the_module():
         (lambda f: f(torch.randn(10, 20), torch.randn(4, 20), 0), "not a multiple of n_student_crops=4"),
         (lambda f: f(torch.randn(16, 21), torch.randn(8, 21), 0), r"must be \(rows, out_dim=20\)"),
         (lambda f: f(torch.randn(16, 20), torch.randn(6, 20), 0), r"teacher must be \(n_teacher_crops \* B, K\)"),
-        (lambda f: f(torch.randn(16, 20), torch.randn(8, 20), 3), "epoch 3 is outside the teacher temperature schedule"),
+        (lambda f: f(torch.randn(16, 20), torch.randn(8, 20), 3),
+         "epoch 3 is outside the teacher temperature schedule"),
         (lambda f: f([torch.randn(4, 20), torch.randn(5, 20)], torch.randn(8, 20), 0), "crops must share one shape"),
     ],
 )

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from accuracy import assert_accurate
 
 import fastssl

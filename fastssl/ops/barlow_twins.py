@@ -34,8 +34,6 @@ is not autograd-aware and gives gradients 1/world_size too small).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import triton
