@@ -70,7 +70,7 @@ def make_cases(device, smoke, args):
 
 def main():
     args = parse_args(__doc__.splitlines()[0])
-    run_benchmark("barlow_twins", args, lambda device, smoke: make_cases(device, smoke, args))
+    run_benchmark("barlow_twins", args, make_cases)
 
 
 if __name__ == "__main__":

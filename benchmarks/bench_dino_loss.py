@@ -135,7 +135,7 @@ def make_cases(device, smoke, args):
 
 def main():
     args = parse_args(__doc__.splitlines()[0])
-    run_benchmark("dino_loss", args, lambda device, smoke: make_cases(device, smoke, args))
+    run_benchmark("dino_loss", args, make_cases)
 
 
 if __name__ == "__main__":

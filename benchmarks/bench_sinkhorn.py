@@ -68,7 +68,7 @@ def make_cases(device, smoke, args):
 
 def main():
     args = parse_args(__doc__.splitlines()[0])
-    run_benchmark("sinkhorn_knopp", args, lambda device, smoke: make_cases(device, smoke, args))
+    run_benchmark("sinkhorn_knopp", args, make_cases)
 
 
 if __name__ == "__main__":

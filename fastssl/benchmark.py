@@ -227,13 +227,15 @@ def plot(op: str, cases: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_benchmark(op: str, args: argparse.Namespace, make_cases: Callable[[torch.device, bool], list[Case]]) -> Path:
-    """Measure ceilings, run every case, write ``<op>.json``, ``<op>.md`` and ``<op>.png``."""
+def run_benchmark(op: str, args: argparse.Namespace,
+                  make_cases: Callable[[torch.device, bool, argparse.Namespace], list[Case]]) -> Path:
+    """Measure ceilings, run ``make_cases(device, smoke, args)``, write ``<op>.json``,
+    ``<op>.md`` and ``<op>.png``."""
     device = benchmark_device(args.smoke)
     meta = metadata(device)
     ceilings = measure_ceilings(device, args.smoke)
     cases = []
-    for case in make_cases(device, args.smoke):
+    for case in make_cases(device, args.smoke, args):
         cases.append(run_case(case, device, ceilings))
         print("\n".join(markdown_table(op, meta, ceilings, cases[-1:]).splitlines()[-len(case.contenders):]))
     out = results_dir(args, meta)

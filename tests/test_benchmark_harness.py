@@ -12,7 +12,7 @@ def test_results_are_written_as_json_markdown_and_plot(tmp_path):
     def failing():
         raise RuntimeError("backend missing")
 
-    def cases(device, smoke):
+    def cases(device, smoke, args):
         return [Case("copy 1000", [Contender("clone", x.clone), Contender("broken", failing)], min_bytes=8000)]
 
     args = argparse.Namespace(smoke=True, out=tmp_path, no_compile=True)

@@ -254,13 +254,23 @@ class _BarlowTwins(torch.autograd.Function):
         return dz1, dz2, None, None, None, None
 
 
-def _check(z1, z2):
-    check_float_tensor("z1", z1, min_dim=2)
-    check_float_tensor("z2", z2, min_dim=2)
+def check_view_pair(z1, z2, group, formulation, names=("z1", "z2")):
+    """Checks shared by the two-view losses. Returns (group or None, N_global, gram_form)."""
+    first, second = names
+    check_float_tensor(first, z1, min_dim=2)
+    check_float_tensor(second, z2, min_dim=2)
     if z1.dim() != 2 or z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must be (N, D) of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"{first} and {second} must be (N, D) of one shape, got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.device != z2.device:
-        raise ValueError(f"z1 and z2 must share one device, got {z1.device} and {z2.device}")
+        raise ValueError(f"{first} and {second} must share one device, got {z1.device} and {z2.device}")
+    if formulation not in ("auto", "gram", "cross"):
+        raise ValueError(f"formulation must be 'auto', 'gram' or 'cross', got {formulation!r}")
+    group = resolve_group(group)
+    n_global = z1.shape[0] * (1 if group is None else dist.get_world_size(group))
+    if n_global < 2:
+        raise ValueError(f"the global batch must hold at least 2 samples, got {n_global}")
+    return group, n_global, formulation == "gram" or (formulation == "auto" and n_global < z1.shape[1])
 
 
 def barlow_twins_loss(
@@ -280,16 +290,9 @@ def barlow_twins_loss(
     Returns:
         The scalar float32 loss, the same on every rank.
     """
-    _check(z1, z2)
+    group, _, gram_form = check_view_pair(z1, z2, group, formulation)
     lambd = float(lambd)
     eps = check_positive_float("eps", eps)
-    if formulation not in ("auto", "gram", "cross"):
-        raise ValueError(f"formulation must be 'auto', 'gram' or 'cross', got {formulation!r}")
-    group = resolve_group(group)
-    n_global = z1.shape[0] * (1 if group is None else dist.get_world_size(group))
-    if n_global < 2:
-        raise ValueError(f"the global batch must hold at least 2 samples to standardize, got {n_global}")
-    gram_form = formulation == "gram" or (formulation == "auto" and n_global < z1.shape[1])
     backend = select_backend("barlow_twins_loss", z1.device, {
         "triton": lambda: kernel_dtype_reason(z1, z2),
         "reference": lambda: None if group is None else "the reference runs in one process only",

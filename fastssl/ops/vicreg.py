@@ -10,11 +10,10 @@ ranks with an autograd-aware all-gather, as the official FullGatherLayer does.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastssl.distributed import ProcessGroup, resolve_group
-from fastssl.ops.barlow_twins import _check, raise_if_not_finite
+from fastssl.distributed import ProcessGroup
+from fastssl.ops.barlow_twins import check_view_pair, raise_if_not_finite
 
 
 def _gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -52,17 +51,10 @@ def vicreg_loss(
     the global batch (unbiased). ``formulation``: "gram", "cross" or "auto" (Gram when
     N_global < D). Returns a float32 scalar.
     """
-    _check(x, y)
-    if formulation not in ("auto", "gram", "cross"):
-        raise ValueError(f"formulation must be 'auto', 'gram' or 'cross', got {formulation!r}")
-    group = resolve_group(group)
-    n_global = x.shape[0] * (1 if group is None else dist.get_world_size(group))
-    if n_global < 2:
-        raise ValueError(f"the global batch must hold at least 2 samples for a variance, got {n_global}")
+    group, _, gram_form = check_view_pair(x, y, group, formulation, names=("x", "y"))
     compute = torch.promote_types(x.dtype, torch.float32)
     x, y = x.to(compute), y.to(compute)
     raise_if_not_finite(x=x.detach().sum(0), y=y.detach().sum(0))
-    gram_form = formulation == "gram" or (formulation == "auto" and n_global < x.shape[1])
     repr_loss = F.mse_loss(x, y)
     std_x, cov_x = _variance_and_covariance_terms(_gather(x, group), gram_form)
     std_y, cov_y = _variance_and_covariance_terms(_gather(y, group), gram_form)
