@@ -72,13 +72,19 @@ def operand_rounding(z1, z2, dtype) -> float:
     return torch.finfo(dtype).eps / 2 * sum((g * z).abs().sum().item() for z, g in pairs)
 
 
-def standardization_cancellation(z1, z2) -> list:
-    """The standardization's backward subtracts from dL/dzn its projection on (1, zn); for
-    small N the result is much smaller than dL/dzn, and float32 rounding is relative to
-    rstd * |dL/dzn|, not to the result: a few units of that, per view."""
-    pairs, rstd = standardized_gradients(z1, z2)
-    return [4 * torch.finfo(torch.float32).eps * r.max().item() * g.abs().max().item()
-            for (_, g), r in zip(pairs, rstd)]
+def standardization_cancellation(z1, z2, lambd=0.0051) -> list:
+    """The gradient is formed by cancellation twice: dL/dzn is the sum of (2 lambd / N) zn' C
+    and zn' d / N, and the standardization's backward subtracts from it its projection on
+    (1, zn). For small N the result is much smaller than those terms, and float32 rounding
+    is relative to rstd * (|first| + |second|), not to the result: a few units of that."""
+    zn = [torch.nn.functional.batch_norm(z.double(), None, None, training=True, eps=1e-5) for z in (z1, z2)]
+    N = z1.shape[0]
+    c = zn[0].T @ zn[1] / N
+    d = -2 * (1 - torch.diagonal(c)) - 2 * lambd * torch.diagonal(c)
+    terms = [(2 * lambd / N * zn[1] @ c.T, zn[1] * d / N), (2 * lambd / N * zn[0] @ c, zn[0] * d / N)]
+    rstd = [torch.rsqrt(z.double().var(0, unbiased=False) + 1e-5) for z in (z1, z2)]
+    return [4 * torch.finfo(torch.float32).eps * r.max().item() * (a.abs().max() + b.abs().max()).item()
+            for (a, b), r in zip(terms, rstd)]
 
 
 def _autocast_official(z1, z2):
