@@ -186,6 +186,16 @@ def _partial_logsumexp_kernel(
 
 
 @triton.jit
+def _row_chunk_logits(scores_ptr, row_offsets, lse_k_ptr, cols, row_mask, K, stride_sk, scale):
+    """x = scores * scale - lse_k for columns ``cols`` of whole rows, and the mask of valid
+    entries (masked entries of x hold finite filler)."""
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    s = tl.load(scores_ptr + row_offsets + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
+    lse_k = tl.load(lse_k_ptr + cols, mask=cols < K, other=0.0)
+    return s.to(tl.float32) * scale - lse_k[None, :], mask
+
+
+@triton.jit
 def _write_assignments_kernel(
     scores_ptr, lse_k_ptr, lse_b_ptr, q_ptr,
     B, K, n_row_blocks,
@@ -209,12 +219,10 @@ def _write_assignments_kernel(
     row_offsets = problem * stride_sp + rows[:, None].to(tl.int64) * stride_sb
     out_rows = problem * B * K + rows[:, None].to(tl.int64) * K
 
+    lse_k_row = lse_k_ptr + problem * K
     if ROW_IN_ONE_TILE:
         cols = tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (cols[None, :] < K)
-        s = tl.load(scores_ptr + row_offsets + cols[None, :] * stride_sk, mask=mask, other=0.0)
-        lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
-        x = s.to(tl.float32) * scale - lse_k[None, :]
+        x, mask = _row_chunk_logits(scores_ptr, row_offsets, lse_k_row, cols, row_mask, K, stride_sk, scale)
         lse_b = _masked_log2sumexp2(x, mask, 1)
         tl.store(q_ptr + out_rows + cols[None, :], tl.exp2(x - lse_b[:, None]), mask=mask)
     else:
@@ -222,19 +230,14 @@ def _write_assignments_kernel(
         running_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (cols[None, :] < K)
-            s = tl.load(scores_ptr + row_offsets + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
-            lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
-            x = tl.where(mask, s.to(tl.float32) * scale - lse_k[None, :], float("-inf"))
+            x, mask = _row_chunk_logits(scores_ptr, row_offsets, lse_k_row, cols, row_mask, K, stride_sk, scale)
+            x = tl.where(mask, x, float("-inf"))
             running_max, running_sum = _online_log2sumexp2_update(running_max, running_sum, x, 1)
         lse_b = _finish_log2sumexp2(running_max, running_sum)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (cols[None, :] < K)
-            s = tl.load(scores_ptr + row_offsets + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
-            lse_k = tl.load(lse_k_ptr + problem * K + cols, mask=cols < K, other=0.0)
-            q = tl.exp2(s.to(tl.float32) * scale - lse_k[None, :] - lse_b[:, None])
-            tl.store(q_ptr + out_rows + cols[None, :], q, mask=mask)
+            x, mask = _row_chunk_logits(scores_ptr, row_offsets, lse_k_row, cols, row_mask, K, stride_sk, scale)
+            tl.store(q_ptr + out_rows + cols[None, :], tl.exp2(x - lse_b[:, None]), mask=mask)
     tl.store(lse_b_ptr + problem * B + rows, lse_b, mask=row_mask)
 
 
