@@ -39,11 +39,13 @@ def seed(request):
     return value
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    if call.when == "call" and call.excinfo is not None:
+    report = (yield).get_result()
+    if report.when == "call" and report.failed:
         for name, value in item.user_properties:
             if name == "seed":
-                print(f"\n[replay with FASTSSL_TEST_SEED={value}]")
+                report.sections.append(("seed", f"replay with FASTSSL_TEST_SEED={value}"))
 
 
 @pytest.fixture
