@@ -74,9 +74,16 @@ def run_launchers():
                                             pairs, weights, S, T, 0.1, teacher_temp)
         N, D = 256, 8192
         z, stats, ones = torch.zeros(N, D, dtype=dtype), torch.zeros(D), torch.ones(1)
-        barlow_twins._standardize_pair(z, z, stats, stats, stats, stats)
+        barlow_twins.standardize_pair(z, z, stats, stats, stats, stats)
         zn = torch.zeros(N, D)
-        barlow_twins._standardize_backward(z, zn, zn, stats, stats, 1e-3, N, ones, 2, None, dtype)
+        for rstd in (stats, None):  # Barlow Twins' standardization, VICReg's centering
+            barlow_twins.standardize_backward(z, zn, zn, stats, rstd, 1e-3, N, ones, 2, None, dtype)
+        for symmetric in (True, False):
+            barlow_twins.gram_pair(z, z, z, z, symmetric=symmetric)
+            barlow_twins.gram_pair(z, z, symmetric=symmetric)
+        for reduce in (True, False):
+            barlow_twins.cross_correlation(torch.zeros(1024, 512, dtype=dtype), torch.zeros(1024, 512, dtype=dtype),
+                                           1e-3, reduce)
 
 
 def main() -> int:

@@ -12,13 +12,21 @@ and, with d_i = -2 (1 - C_ii) - 2 lambd C_ii,
     dL/dz1n = (2 lambd / N^2) G2 z1n + z2n * d / N    (Gram form, O(N^2 D))
             = (2 lambd / N) z2n C.T  + z2n * d / N    (C form, O(N D^2))
 
-The Gram form is used when N < D (never allocating D x D), the C form otherwise. The
-matmuls run on cuBLAS; two Triton kernels do the rest in single passes:
+The Gram form is used when N < D (never allocating D x D), the C form otherwise. Four
+Triton kernels do the forward and the elementwise backward; the backward's two matmuls
+(G2 z1n and G1 z2n, or z2n C.T and z1n C) run on cuBLAS:
 
 - ``_standardize_pair_kernel``: z1n, z2n (float32) from the column statistics, and the
   column sums of z1n * z2n (N * C_ii). Reads 2 N D e bytes (e: bytes per input element),
   writes 8 N D. The matmuls take z1n, z2n cast to the inputs' dtype (tensor cores, like
   the official loss under autocast); the diagonal and the backward use the float32 values.
+- ``_gram_pair_kernel``: 64 x 64 tiles of G1 and G2 at once (two accumulators, K tiles of
+  64 bf16 / 32 fp32), written out for the backward, with <G1, G2>_F summed per tile in the
+  epilogue. In one process G is symmetric, so only tiles on or above the diagonal are
+  computed (and stored twice): 2 N^2 D FLOPs for both Gram matrices instead of 4 N^2 D.
+- ``_cross_correlation_kernel``: 128 x 128 tiles of C = z1n.T z2n / N, reducing the squared
+  off-diagonal entries in the epilogue (no second pass over C); 2 N D^2 FLOPs. C is kept
+  for the backward (N >= D, so it is no larger than the inputs).
 - ``_standardize_backward_kernel``: forms dzn = alpha * gram_term + other * d / N on the fly
   and applies the standardization's backward,
   dz = rstd * (dzn - mean_b(dzn) - zn * mean_b(dzn * zn)); the two means come from the
@@ -40,12 +48,13 @@ import triton
 import triton.language as tl
 
 from fastssl._checks import check_float_tensor, check_positive_float
-from fastssl.backend import select_backend
+from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
-BLOCK_N, BLOCK_D = 32, 128
+BLOCK_N, BLOCK_D = 32, 128  # standardization kernels
+GRAM_BLOCK, CROSS_BLOCK = 64, 128  # matmul kernels: square output tiles
 
 
 @triton.jit
@@ -82,12 +91,13 @@ def _standardize_pair_kernel(
 def _standardize_backward_kernel(
     gram_ptr, other_ptr, zn_ptr, d_ptr, rstd_ptr, sums_ptr, grad_loss_ptr, out_ptr,
     N, D, rows_per_split, alpha, inv_n, world,
-    SUMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUMS: tl.constexpr, CENTER_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dzn = alpha * gram + other * d / N, formed on the fly (all (N, D) contiguous).
 
     SUMS: sums[split, 0 | 1, col] = column sums of dzn | dzn * zn over the split's rows.
     Otherwise: out = grad_loss * world * rstd * (dzn - sums[0] / N_global - zn * sums[1] / N_global),
+    or with CENTER_ONLY (zn = z - mean, no scaling) out = grad_loss * world * (dzn - sums[0] / N_global),
     with ``sums`` (2, D) already reduced over splits and ranks (inv_n = 1 / N_global).
     """
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -97,7 +107,9 @@ def _standardize_backward_kernel(
         sum_dzn = tl.zeros([BLOCK_D], dtype=tl.float32)
         sum_dzn_zn = tl.zeros([BLOCK_D], dtype=tl.float32)
     else:
-        rstd = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0) * (tl.load(grad_loss_ptr) * world)
+        scale = tl.load(grad_loss_ptr) * world
+        if not CENTER_ONLY:
+            scale = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0) * scale
         mean_dzn = tl.load(sums_ptr + cols, mask=col_mask, other=0.0) * inv_n
         mean_dzn_zn = tl.load(sums_ptr + D + cols, mask=col_mask, other=0.0) * inv_n
     start = tl.program_id(1) * rows_per_split
@@ -114,11 +126,99 @@ def _standardize_backward_kernel(
             sum_dzn += tl.sum(dzn, axis=0)
             sum_dzn_zn += tl.sum(dzn * zn, axis=0)
         else:
-            dz = rstd[None, :] * (dzn - mean_dzn[None, :] - zn * mean_dzn_zn[None, :])
+            dz = dzn - mean_dzn[None, :]
+            if not CENTER_ONLY:
+                dz -= zn * mean_dzn_zn[None, :]
+            dz *= scale
             tl.store(out_ptr + offsets, dz.to(out_ptr.dtype.element_ty), mask=mask)
     if SUMS:
         tl.store(sums_ptr + (tl.program_id(1) * 2) * D + cols, sum_dzn, mask=col_mask)
         tl.store(sums_ptr + (tl.program_id(1) * 2 + 1) * D + cols, sum_dzn_zn, mask=col_mask)
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation. UPCAST (the Triton interpreter only, whose dot
+    mishandles bfloat16 and TF32): multiply exact float32 copies instead, which gives the
+    same exact products a GPU's tensor cores accumulate."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _gram_pair_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, g1_ptr, g2_ptr, partial_ptr, M, N, D,
+    SYMMETRIC: tl.constexpr, ONE_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile (program_id(0), program_id(1)) of G1 = a1 b1.T and G2 = a2 b2.T ((M, N), float32
+    accumulation; a* (M, D) and b* (N, D) contiguous), written out for the backward, and
+    partial[tile] = sum of G1 * G2 over the tile (ONE_VIEW: G2 is G1, a2/b2/g2 unused).
+
+    SYMMETRIC (a is b, M == N): tiles below the diagonal are skipped; a tile above it is
+    also written transposed and counts twice, which halves the multiply-adds.
+    """
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    if SYMMETRIC and pid_n < pid_m:
+        tl.store(partial_ptr + tile, 0.0)
+        return
+    rows = (pid_m * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    acc1 = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (rows < M)[:, None] & (ks < D)[None, :]
+        b_mask = (cols < N)[:, None] & (ks < D)[None, :]
+        a_offsets = rows[:, None] * D + ks[None, :]
+        b_offsets = cols[:, None] * D + ks[None, :]
+        a = tl.load(a1_ptr + a_offsets, mask=a_mask, other=0.0)
+        b = tl.load(b1_ptr + b_offsets, mask=b_mask, other=0.0)
+        acc1 = _mma(a, tl.trans(b), acc1, INPUT_PRECISION, UPCAST)
+        if not ONE_VIEW:
+            a = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
+            b = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
+            acc2 = _mma(a, tl.trans(b), acc2, INPUT_PRECISION, UPCAST)
+    if ONE_VIEW:
+        acc2 = acc1
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    weight = 2.0 if SYMMETRIC and pid_n > pid_m else 1.0
+    tl.store(partial_ptr + tile, weight * tl.sum(tl.where(mask, acc1 * acc2, 0.0)))
+    tl.store(g1_ptr + rows[:, None] * N + cols[None, :], acc1, mask=mask)
+    if not ONE_VIEW:
+        tl.store(g2_ptr + rows[:, None] * N + cols[None, :], acc2, mask=mask)
+    if SYMMETRIC and pid_n > pid_m:
+        tl.store(g1_ptr + cols[None, :] * N + rows[:, None], acc1, mask=mask)
+        if not ONE_VIEW:
+            tl.store(g2_ptr + cols[None, :] * N + rows[:, None], acc2, mask=mask)
+
+
+@triton.jit
+def _cross_correlation_kernel(
+    a_ptr, b_ptr, c_ptr, partial_ptr, N, D, scale,
+    REDUCE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile (program_id(0), program_id(1)) of C = scale * a.T b ((D, D), float32; a, b (N, D)
+    contiguous), and with REDUCE, in the epilogue, partial[tile] = the sum of C_ij^2 over
+    the tile's off-diagonal entries: the loss needs no second pass over C."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        a = tl.load(a_ptr + ks[:, None] * D + rows[None, :], mask=(ks < N)[:, None] & (rows < D)[None, :], other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * D + cols[None, :], mask=(ks < N)[:, None] & (cols < D)[None, :], other=0.0)
+        acc = _mma(tl.trans(a), b, acc, INPUT_PRECISION, UPCAST)
+    c = acc * scale
+    mask = (rows < D)[:, None] & (cols < D)[None, :]
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], c, mask=mask)
+    if REDUCE:
+        off_diagonal = mask & (rows[:, None] != cols[None, :])
+        tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.where(off_diagonal, c * c, 0.0)))
 
 
 def _row_splits(N: int, D: int, device: torch.device):
@@ -129,30 +229,58 @@ def _row_splits(N: int, D: int, device: torch.device):
     return triton.cdiv(N, rows_per_split), rows_per_split
 
 
-def _matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with inputs in their dtype and a float32 result: Gram and cross-correlation
-    entries sum D (or N) products and must not be rounded to bfloat16 before the loss."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+def _matmul_options(operand: torch.Tensor) -> dict:
+    """float32 operands multiply in full float32 ("ieee"; no TF32, as torch's default
+    matmul), bfloat16/float16 ones on tensor cores; K tiles sized for 3 pipeline stages."""
+    full = operand.dtype == torch.float32
+    return dict(INPUT_PRECISION="ieee" if full else "tf32", UPCAST=triton_interpreter_enabled(),
+                BLOCK_K=32 if full else 64, num_stages=3)
 
 
-def _all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def gram_pair(a1, b1, a2=None, b2=None, symmetric=False):
+    """G1 = a1 b1.T, G2 = a2 b2.T (float32 (M, N)) and <G1, G2>_F, in one kernel; without
+    a2, b2 only G1 and ||G1||_F^2. ``symmetric``: a1 is b1 and a2 is b2 (one process)."""
+    M, N = a1.shape[0], b1.shape[0]
+    grid = (triton.cdiv(M, GRAM_BLOCK), triton.cdiv(N, GRAM_BLOCK))
+    g1 = torch.empty((M, N), dtype=torch.float32, device=a1.device)
+    g2 = None if a2 is None else torch.empty_like(g1)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a1.device)
+    _gram_pair_kernel[grid](
+        a1, b1, a1 if a2 is None else a2, b1 if b2 is None else b2, g1, g1 if g2 is None else g2, partial,
+        M, N, a1.shape[1], SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=GRAM_BLOCK, num_warps=4,
+        **_matmul_options(a1),
+    )
+    return g1, g2, partial.sum()
+
+
+def cross_correlation(a, b, scale, reduce):
+    """C = scale * a.T b (float32 (D, D)) and, with ``reduce``, the sum of its squared
+    off-diagonal entries from the kernel's epilogue (else None)."""
+    D = a.shape[1]
+    grid = (triton.cdiv(D, CROSS_BLOCK), triton.cdiv(D, CROSS_BLOCK))
+    c = torch.empty((D, D), dtype=torch.float32, device=a.device)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
+    _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=CROSS_BLOCK,
+                                    num_warps=8, **_matmul_options(a))
+    return c, partial.sum() if reduce else None
+
+
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, group=group)
     return tensor
 
 
-def _global_mean_rstd(z: torch.Tensor, eps: float, group: ProcessGroup, n_global: int):
-    """Column mean and 1 / sqrt(biased variance + eps) over the global batch, in float32
-    (two all-reduces of D floats when distributed: the sum, then the squared deviations)."""
+def global_mean_var(z: torch.Tensor, group: ProcessGroup, n_global: int):
+    """Column mean and biased variance over the global batch, in float32 (two all-reduces
+    of D floats when distributed: the sum, then the squared deviations)."""
     z = z.float()
     if group is None:
         var, mean = torch.var_mean(z, dim=0, unbiased=False)
     else:
-        mean = _all_reduce(z.sum(0), group) / n_global
-        var = _all_reduce((z - mean).square().sum(0), group) / n_global
-    return mean, torch.rsqrt(var + eps)
+        mean = all_reduce(z.sum(0), group) / n_global
+        var = all_reduce((z - mean).square().sum(0), group) / n_global
+    return mean, var
 
 
 def raise_if_not_finite(**column_statistics: torch.Tensor) -> None:
@@ -163,7 +291,7 @@ def raise_if_not_finite(**column_statistics: torch.Tensor) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
+def standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
     N, D = z1.shape
     splits, rows_per_split = _row_splits(N, D, z1.device)
     z1n = torch.empty((N, D), dtype=torch.float32, device=z1.device)
@@ -176,15 +304,17 @@ def _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
     return z1n, z2n, diag.sum(0)
 
 
-def _standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, world, group, out_dtype):
+def standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, world, group, out_dtype):
+    """dL/dz for dL/dzn = alpha * gram + other * d / n_global, through the standardization
+    zn = (z - mean) * rstd, or through the centering zn = z - mean when ``rstd`` is None."""
     N, D = zn.shape
     splits, rows_per_split = _row_splits(N, D, zn.device)
     grid = (triton.cdiv(D, BLOCK_D), splits)
     sums = torch.empty((splits, 2, D), dtype=torch.float32, device=zn.device)
-    common = dict(BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    common = dict(CENTER_ONLY=rstd is None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, None, N, D, rows_per_split,
                                        alpha, 1.0 / n_global, float(world), SUMS=True, **common)
-    sums = _all_reduce(sums.sum(0), group)
+    sums = all_reduce(sums.sum(0), group)
     dz = torch.empty((N, D), dtype=out_dtype, device=zn.device)
     _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, dz, N, D, rows_per_split,
                                        alpha, 1.0 / n_global, float(world), SUMS=False, **common)
@@ -196,34 +326,37 @@ class _BarlowTwins(torch.autograd.Function):
     def forward(ctx, z1, z2, lambd, eps, group, gram_form):
         world = 1 if group is None else dist.get_world_size(group)
         n_global = z1.shape[0] * world
-        mean1, rstd1 = _global_mean_rstd(z1, eps, group, n_global)
-        mean2, rstd2 = _global_mean_rstd(z2, eps, group, n_global)
+        (mean1, var1), (mean2, var2) = global_mean_var(z1, group, n_global), global_mean_var(z2, group, n_global)
+        rstd1, rstd2 = torch.rsqrt(var1 + eps), torch.rsqrt(var2 + eps)
         raise_if_not_finite(z1=mean1 + rstd1, z2=mean2 + rstd2)
-        z1n, z2n, diag_sum = _standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2)
-        c_diag = _all_reduce(diag_sum, group) / n_global
+        z1n, z2n, diag_sum = standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2)
+        c_diag = all_reduce(diag_sum, group) / n_global
         # Matmul operands in the inputs' dtype (torch's cast rounds to nearest even). The
         # diagonal removed from sum_ij C_ij^2 must come from the same rounded operands, so
         # that the difference is exactly the off-diagonal part of the C the matmuls see.
         mm1, mm2 = z1n.to(z1.dtype), z2n.to(z2.dtype)
-        mm_diag = c_diag
-        if mm1.dtype != torch.float32 or mm2.dtype != torch.float32:
-            mm_diag = _all_reduce((mm1.float() * mm2.float()).sum(0), group) / n_global
-
         if gram_form:
+            mm_diag = c_diag
+            if mm1.dtype != torch.float32 or mm2.dtype != torch.float32:
+                mm_diag = all_reduce((mm1.float() * mm2.float()).sum(0), group) / n_global
             all1, all2 = mm1, mm2
             if group is not None:
                 all1 = mm1.new_empty((n_global, mm1.shape[1]))
                 all2 = mm2.new_empty((n_global, mm2.shape[1]))
                 dist.all_gather_into_tensor(all1, mm1, group=group)
                 dist.all_gather_into_tensor(all2, mm2, group=group)
-            g1_rows, g2_rows = _matmul_float32(mm1, all1.t()), _matmul_float32(mm2, all2.t())  # this rank's rows
-            frobenius = _all_reduce((g1_rows * g2_rows).sum(), group) / n_global**2
+            g1_rows, g2_rows, frobenius = gram_pair(mm1, all1, mm2, all2, symmetric=group is None)  # this rank's rows
+            off_diagonal = all_reduce(frobenius, group) / n_global**2 - mm_diag.square().sum()
             saved = (g1_rows, g2_rows, all1, all2)
         else:
-            c = _all_reduce(_matmul_float32(mm1.t(), mm2), group) / n_global
-            frobenius = c.square().sum()
+            # One process: the off-diagonal sum comes from the matmul's epilogue. Distributed:
+            # C is a sum over ranks, so it is reduced after the all-reduce.
+            c, off_diagonal = cross_correlation(mm1, mm2, 1.0 / n_global, reduce=group is None)
+            mm_diag = torch.diagonal(all_reduce(c, group))
+            if off_diagonal is None:
+                off_diagonal = c.square().sum() - mm_diag.square().sum()
             saved = (c, mm1, mm2)
-        loss = (1 - c_diag).square().sum() + lambd * (frobenius - mm_diag.square().sum())
+        loss = (1 - c_diag).square().sum() + lambd * off_diagonal
 
         ctx.save_for_backward(z1n, z2n, rstd1, rstd2, c_diag, mm_diag, *saved)
         ctx.constants = (lambd, group, gram_form, n_global, world, z1.dtype, z2.dtype)
@@ -247,9 +380,9 @@ class _BarlowTwins(torch.autograd.Function):
         # DDP averages gradients over ranks and every rank's loss is the global one, so each
         # rank's gradients are scaled by the world size.
         grad_loss = grad_loss.float().reshape(1).contiguous()
-        dz1 = _standardize_backward(gram1.contiguous(), z2n, z1n, d, rstd1, alpha, n_global, grad_loss, world,
+        dz1 = standardize_backward(gram1.contiguous(), z2n, z1n, d, rstd1, alpha, n_global, grad_loss, world,
                                     group, dtype1)
-        dz2 = _standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha, n_global, grad_loss, world,
+        dz2 = standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha, n_global, grad_loss, world,
                                     group, dtype2)
         return dz1, dz2, None, None, None, None
 
