@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp: fastssl's Triton kernels vs the original PyTorch code, eager and compiled.
+"""Sinkhorn-Knopp: fastssl's kernels (Triton, CUDA, C++) vs the original PyTorch code, eager and compiled.
 
 Shapes from the recipes (REFERENCE.md section 2). The original is SwAV's / DINOv2's
 function (DINOv2 casts the teacher logits to float32 first; so does this baseline).
@@ -6,7 +6,8 @@ Minimal traffic: the kernels' own model (fastssl.ops.sinkhorn.sinkhorn_knopp_byt
 one read of the scores per half-iteration plus one float32 write of Q; GB/s is reported
 against it for every contender, so "% of copy" says how close each is to the bandwidth bound.
 
-    python benchmarks/bench_sinkhorn.py            # on a CUDA GPU
+    python benchmarks/bench_sinkhorn.py            # on a CUDA GPU: triton and cuda backends
+    python benchmarks/bench_sinkhorn.py --cpu      # real sizes on the CPU: the cpp backend
     python benchmarks/bench_sinkhorn.py --smoke    # tiny, on the CPU
 """
 
@@ -38,6 +39,14 @@ def original(scores, eps, n_iters):
     return sinkhorn_knopp_original(scores.float(), eps, n_iters)
 
 
+def backends(device, smoke):
+    """The kernels to time: Triton and CUDA on a GPU, C++ on the CPU (and the Triton
+    interpreter in smoke runs, to keep its launch path alive)."""
+    if device.type == "cuda":
+        return ["triton", "cuda"]
+    return ["triton", "cpp"] if smoke else ["cpp"]
+
+
 def make_cases(device, smoke, args):
     cases = []
     compiled_original = compiled(original, args)
@@ -46,14 +55,14 @@ def make_cases(device, smoke, args):
             shape = smoke_shape(shape)
         scores = (torch.rand(shape, device=device) * 2 - 1).to(dtype)
 
-        def fastssl_fn(scores=scores, eps=eps, n_iters=n_iters):
-            with fastssl.use_backend("triton"):
-                return sinkhorn_knopp(scores, eps, n_iters)
+        def fastssl_fn(backend, scores=scores, eps=eps, n_iters=n_iters):
+            def run():
+                with fastssl.use_backend(backend):
+                    return sinkhorn_knopp(scores, eps, n_iters)
+            return run
 
-        contenders = [
-            Contender("fastssl (triton)", fastssl_fn),
-            Contender("original (eager)", lambda s=scores, e=eps, n=n_iters: original(s, e, n)),
-        ]
+        contenders = [Contender(f"fastssl ({backend})", fastssl_fn(backend)) for backend in backends(device, smoke)]
+        contenders.append(Contender("original (eager)", lambda s=scores, e=eps, n=n_iters: original(s, e, n)))
         if compiled_original is not None:
             contenders.append(
                 Contender("original (torch.compile)", lambda s=scores, e=eps, n=n_iters: compiled_original(s, e, n))

@@ -5,9 +5,12 @@ Backends, fastest first:
 - ``cuda``: CUDA kernels in the native extension ``fastssl._C``.
 - ``triton``: Triton kernels. They run on CUDA GPUs, and on the CPU only under the Triton
   interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which exists for tests.
+- ``cpp``: C++ (OpenMP) CPU kernels in ``fastssl._C``.
 - ``reference``: plain PyTorch, any device.
 
-The default for a device is the first backend that can run the op there. Two overrides
+The default for a device is the first backend that can run the op there, in the op's
+order of preference (the measured fastest first; :data:`BACKENDS` order otherwise); the
+interpreter is never a default. Two overrides
 exist, and both are strict: if the requested backend cannot run the op, the op raises
 :class:`BackendUnavailableError` listing every backend and why it was rejected. There is
 never a silent fallback from a requested backend.
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
+from fastssl import _native
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
 
 Reason = Optional[str]
 """``None`` when a backend can run, otherwise a sentence naming the missing piece."""
@@ -51,9 +56,13 @@ def triton_interpreter_enabled() -> bool:
 def _why_not_cuda(device: torch.device) -> Reason:
     if device.type != "cuda":
         return f"needs a CUDA device, got {device.type}"
-    if importlib.util.find_spec("fastssl._C") is None:
-        return "the native extension fastssl._C is not built in this install"
-    return None
+    return _native.cuda_reason()
+
+
+def _why_not_cpp(device: torch.device) -> Reason:
+    if device.type != "cpu":
+        return f"runs on the CPU, got {device.type}"
+    return _native.cpp_reason()
 
 
 def _why_not_triton(device: torch.device) -> Reason:
@@ -71,6 +80,7 @@ def _why_not_triton(device: torch.device) -> Reason:
 _DEVICE_CHECKS: Mapping[str, Callable[[torch.device], Reason]] = {
     "cuda": _why_not_cuda,
     "triton": _why_not_triton,
+    "cpp": _why_not_cpp,
     "reference": lambda device: None,
 }
 
@@ -123,14 +133,16 @@ def select_backend(
     op: str,
     device: torch.device,
     op_checks: Mapping[str, Callable[[], Reason]],
+    preference: Sequence[str] = BACKENDS,
 ) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     ``op_checks`` maps each backend the op implements to a function returning ``None`` or
     why this call (dtype, shape, ...) cannot run there; backends missing from it are
     rejected as not implemented for the op. Returns the requested backend, or the first
-    usable one in :data:`BACKENDS` order; raises :class:`BackendUnavailableError` naming
-    every backend and its reason when that is impossible.
+    usable one in ``preference`` order (backends left out of it are never defaults);
+    raises :class:`BackendUnavailableError` naming every backend and its reason when that
+    is impossible.
     """
     reasons: dict[str, Reason] = {}
     for name in BACKENDS:
@@ -145,18 +157,12 @@ def select_backend(
         if reasons[requested] is None:
             return requested
         raise BackendUnavailableError(_explain(op, device, reasons, requested))
-    for name in _default_order(device):
-        if reasons[name] is None:
+    for name in preference:
+        # The Triton interpreter is a correctness tool, orders of magnitude slower than
+        # PyTorch on the CPU, so it is never a CPU default; it must be requested.
+        if reasons[name] is None and not (name == "triton" and device.type == "cpu"):
             return name
     raise BackendUnavailableError(_explain(op, device, reasons, None))
-
-
-def _default_order(device: torch.device) -> tuple[str, ...]:
-    # The Triton interpreter is a correctness tool, orders of magnitude slower than
-    # PyTorch on the CPU, so it is never a CPU default; it must be requested.
-    if device.type == "cpu":
-        return ("reference",)
-    return BACKENDS
 
 
 def _explain(op: str, device: torch.device, reasons: Mapping[str, Reason], requested) -> str:

@@ -55,11 +55,13 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")
     parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders")
+    parser.add_argument("--cpu", action="store_true",
+                        help="real sizes on the CPU: the C++ kernels against the reference (no Triton)")
     return parser.parse_args()
 
 
-def benchmark_device(smoke: bool) -> torch.device:
-    if smoke:
+def benchmark_device(args: argparse.Namespace) -> torch.device:
+    if args.smoke or args.cpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks need a CUDA device; use --smoke to exercise them on the CPU")
@@ -95,11 +97,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 
 def measure_ceilings(device: torch.device, smoke: bool) -> dict:
     """The device's own bf16 matmul TFLOP/s and device-to-device copy GB/s."""
-    n = 256 if smoke else 8192
+    n = 256 if smoke else (2048 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     matmul_ms = time_ms(lambda: a @ b, device)
-    copy_elements = (1 << 16) if smoke else (1 << 28)  # 1 GiB of float32 on a GPU
+    copy_elements = (1 << 16) if smoke else (1 << 28 if device.type == "cuda" else 1 << 26)  # 1 GiB on a GPU
     src = torch.empty(copy_elements, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device)
@@ -231,7 +233,7 @@ def run_benchmark(op: str, args: argparse.Namespace,
                   make_cases: Callable[[torch.device, bool, argparse.Namespace], list[Case]]) -> Path:
     """Measure ceilings, run ``make_cases(device, smoke, args)``, write ``<op>.json``,
     ``<op>.md`` and ``<op>.png``."""
-    device = benchmark_device(args.smoke)
+    device = benchmark_device(args)
     meta = metadata(device)
     ceilings = measure_ceilings(device, args.smoke)
     cases = []

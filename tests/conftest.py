@@ -75,3 +75,27 @@ def kernel_device(request):
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the Triton interpreter is off (a CUDA device is present)")
     return device
+
+
+def kernel_backends(native: bool = False):
+    """(backend, device) pairs that run an op's kernels: Triton on the CPU (interpreter) and
+    on CUDA, and with ``native`` the kernels of fastssl._C (C++ on the CPU, CUDA)."""
+    params = [
+        pytest.param(("triton", "cpu"), id="triton-interpreter"),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    ]
+    if native:
+        params += [
+            pytest.param(("cpp", "cpu"), id="cpp"),
+            pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+        ]
+    return params
+
+
+@pytest.fixture
+def kernel_backend(request):
+    backend, device = request.param
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the Triton interpreter is off (a CUDA device is present)")
+    return backend, device
+

@@ -11,6 +11,7 @@ def test_available_backends_names_every_backend_with_a_reason():
     assert reasons["reference"] is None
     assert reasons["cuda"] == "needs a CUDA device, got cpu"
     assert reasons["triton"] is None  # the interpreter is on in CPU-only test runs
+    assert reasons["cpp"] is None  # fastssl._C is built by the install
 
 
 def test_use_backend_as_context_manager_restores_the_previous_request():
@@ -55,7 +56,8 @@ def test_requested_backend_is_never_silently_replaced():
     assert lines[0] == "toy_op: backend 'triton' was requested but cannot run on cpu"
     assert lines[1] == "  cuda: needs a CUDA device, got cpu"
     assert lines[2] == "  triton: head_dim 96 is not supported"
-    assert lines[3] == "  reference: available"
+    assert lines[3] == "  cpp: toy_op has no cpp implementation"
+    assert lines[4] == "  reference: available"
 
 
 def test_backend_missing_from_an_op_is_explained():
@@ -65,3 +67,28 @@ def test_backend_missing_from_an_op_is_explained():
 
 def test_default_is_the_first_usable_backend():
     assert select_backend("toy_op", torch.device("cpu"), {"reference": lambda: None}) == "reference"
+
+
+def test_preference_orders_the_defaults_and_never_picks_the_interpreter():
+    checks = {name: (lambda: None) for name in fastssl.BACKENDS}
+    cpu = torch.device("cpu")
+    assert select_backend("toy_op", cpu, checks, preference=("triton", "cpp", "reference")) == "cpp"
+    assert select_backend("toy_op", cpu, checks, preference=("reference", "cpp")) == "reference"
+
+
+def test_native_extension_is_built_by_the_install():
+    # The README's install builds fastssl._C whenever a C++ compiler and CMake exist (as in CI).
+    from fastssl import _native
+
+    assert _native.cpp_reason() is None
+    assert "CUDA" in _native.native().cuda_status
+
+
+def test_missing_native_extension_is_explained(monkeypatch):
+    from fastssl import _native
+
+    monkeypatch.setattr(_native, "_MODULE", None)
+    monkeypatch.setattr(_native, "_MISSING", "the native extension fastssl._C is not built here")
+    reasons = fastssl.available_backends("cpu")
+    assert reasons["cpp"] == "the native extension fastssl._C is not built here"
+    assert fastssl.available_backends("cuda")["cuda"] == "the native extension fastssl._C is not built here"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from accuracy import assert_accurate
-from conftest import kernel_devices
+from conftest import kernel_backends
 
 import fastssl
 from fastssl.ops import sinkhorn_knopp
@@ -55,12 +55,13 @@ def test_log_domain_reference_equals_original(shape, eps, n_iters):
     assert torch.isfinite(lse_b).all()
 
 
-@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("kernel_backend", kernel_backends(native=True), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,eps,n_iters", SHAPES, ids=[str(s[0]) for s in SHAPES])
-def test_triton_matches_original(kernel_device, dtype, shape, eps, n_iters, poisoned_outputs):
+def test_kernels_match_original(kernel_backend, dtype, shape, eps, n_iters, poisoned_outputs):
+    backend, kernel_device = kernel_backend
     scores = make_scores(shape, dtype, kernel_device)
-    q = run("triton", scores, eps, n_iters)
+    q = run(backend, scores, eps, n_iters)
     assert q.dtype == torch.float32 and q.shape == scores.shape
     exact = sinkhorn_knopp_original(scores.double(), eps, n_iters)
     # The kernels compute in float32 whatever the input dtype (as DINOv2 does with .float()).
@@ -69,8 +70,9 @@ def test_triton_matches_original(kernel_device, dtype, shape, eps, n_iters, pois
     torch.testing.assert_close(q.sum(-1), torch.ones(shape[:-1], device=kernel_device))
 
 
-@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
-def test_non_contiguous_inputs(kernel_device, poisoned_outputs):
+@pytest.mark.parametrize("kernel_backend", kernel_backends(native=True), indirect=True)
+def test_non_contiguous_inputs(kernel_backend, poisoned_outputs):
+    backend, kernel_device = kernel_backend
     base = make_scores((300, 97), torch.float32, kernel_device)
     views = {
         "transposed": base.t(),  # (97, 300), prototypes contiguous
@@ -79,13 +81,13 @@ def test_non_contiguous_inputs(kernel_device, poisoned_outputs):
     }
     for name, view in views.items():
         assert not view.is_contiguous()
-        q = run("triton", view, 0.05, 3)
+        q = run(backend, view, 0.05, 3)
         exact = sinkhorn_knopp_original(view.double(), 0.05, 3)
         baseline = sinkhorn_knopp_original(view.float(), 0.05, 3)
         assert_accurate(q, baseline, exact, atol=exponent_rounding(view, 0.05), what=name)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("value,eps", [(1.0, 0.005), (50.0, 0.05), (1e4, 1e-3)])
 def test_extreme_logits_do_not_overflow(backend, value, eps):
     # scores / eps reaches 200 .. 1e7: the original overflows even in float64 (exp > 709).
@@ -98,7 +100,7 @@ def test_extreme_logits_do_not_overflow(backend, value, eps):
     torch.testing.assert_close(q.sum(-1), torch.ones(37))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_equal_to_original_close_to_its_overflow(backend):
     # Largest values at which the float32 original is still finite: exp(80) ~ 5.5e34.
     scores = make_scores((64, 100), torch.float32, "cpu", scale=4.0)
@@ -108,7 +110,7 @@ def test_equal_to_original_close_to_its_overflow(backend):
     assert_accurate(run(backend, scores, 0.05, 3), original, exact, atol=exponent_rounding(scores, 0.05))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_negative_infinity_scores_get_zero_mass(backend):
     # exp(-inf) = 0 in the original: such entries are a legitimate mask.
     scores = make_scores((20, 30), torch.float32, "cpu")
@@ -130,7 +132,7 @@ def test_assignment_properties():
     torch.testing.assert_close(q.sum(0), torch.full((16,), 64 / 16), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_input_requiring_grad_gives_a_constant_target(backend):
     scores = make_scores((8, 12), torch.float32, "cpu").requires_grad_()
     q = run(backend, scores, 0.05, 3)
@@ -155,14 +157,14 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("make,kwargs,error,message", BAD_INPUTS, ids=[b[3] + str(b[1]) for b in BAD_INPUTS])
 def test_bad_arguments(backend, make, kwargs, error, message):
     with pytest.raises(error, match=message):
         run(backend, make(), **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf])
 @pytest.mark.parametrize("shape", [(6, 9), (40, 20000)])
 def test_non_finite_scores_raise(backend, bad_value, shape):
@@ -172,11 +174,12 @@ def test_non_finite_scores_raise(backend, bad_value, shape):
         run(backend, scores, 0.05, 3)
 
 
-def test_prototype_with_all_scores_minus_infinity_raises():
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_prototype_with_all_scores_minus_infinity_raises(backend):
     scores = make_scores((6, 9), torch.float32, "cpu")
     scores[:, 4] = -math.inf  # the original divides 0 by 0 here
     with pytest.raises(ValueError, match="all\n?.*-inf"):
-        run("triton", scores, 0.05, 3)
+        run(backend, scores, 0.05, 3)
 
 
 def test_requested_backend_that_cannot_run_explains_every_backend():
@@ -190,19 +193,25 @@ def test_requested_backend_that_cannot_run_explains_every_backend():
     assert "reference: available" in message
 
 
-def test_default_backend_on_cpu_is_reference(monkeypatch):
+def test_default_backend_on_cpu_is_cpp_then_reference(monkeypatch):
     monkeypatch.delenv("FASTSSL_BACKEND", raising=False)
-    scores = make_scores((4, 5), torch.float64, "cpu")
-    q = sinkhorn_knopp(scores)  # float64 stays float64 only on the reference backend
+    scores = make_scores((4, 5), torch.float32, "cpu")
+    calls = []
+    monkeypatch.setattr("fastssl.ops.sinkhorn._sinkhorn_native", lambda *args: calls.append(args) or
+                        (torch.zeros(1, 4, 5), torch.zeros(1, 4)))
+    sinkhorn_knopp(scores)
+    assert len(calls) == 1
+    q = sinkhorn_knopp(scores.double())  # float64 stays float64 only on the reference backend
     assert q.dtype == torch.float64
 
 
-def test_custom_op_registration():
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_custom_op_registration(backend):
     scores = make_scores((37, 50), torch.float32, "cpu")
-    torch.library.opcheck(torch.ops.fastssl.sinkhorn_knopp.default, (scores, 0.05, 3, ""))
+    torch.library.opcheck(torch.ops.fastssl.sinkhorn_knopp.default, (scores, 0.05, 3, "", backend))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_torch_compile_traces_without_graph_breaks(backend):
     scores = make_scores((2, 37, 50), torch.float32, "cpu")
 
@@ -228,11 +237,12 @@ GPU_SHAPES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,eps,n_iters", GPU_SHAPES, ids=[str(s[0]) for s in GPU_SHAPES])
-def test_real_sizes_on_gpu(dtype, shape, eps, n_iters, poisoned_outputs):
+def test_real_sizes_on_gpu(backend, dtype, shape, eps, n_iters, poisoned_outputs):
     scores = make_scores(shape, dtype, "cuda")
-    q = run("triton", scores, eps, n_iters)
+    q = run(backend, scores, eps, n_iters)
     exact = sinkhorn_knopp_original(scores.double(), eps, n_iters)
     baseline = sinkhorn_knopp_original(scores.float(), eps, n_iters)
     assert_accurate(q, baseline, exact, atol=exponent_rounding(scores, eps), what=f"{shape} {dtype}")

@@ -22,7 +22,7 @@ def _sinkhorn_worker(rank, world_size, backend, scores, out_dir):
     torch.save({"q": q, "original": original}, os.path.join(out_dir, f"{rank}.pt"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("shape", [(2 * 37, 50), (3, 2 * 20, 7), (2 * 9, 20000)])
 def test_sinkhorn_two_ranks_equal_one_process(backend, shape, tmp_path):
     scores = torch.rand(shape) * 2 - 1
