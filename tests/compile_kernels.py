@@ -9,6 +9,7 @@ ahead of time (Triton bundles ptxas) for both targets. Run it without TRITON_INT
     python tests/compile_kernels.py
 """
 
+import importlib
 import os
 import sys
 
@@ -84,6 +85,16 @@ def run_launchers():
         for reduce in (True, False):
             barlow_twins.cross_correlation(torch.zeros(1024, 512, dtype=dtype), torch.zeros(1024, 512, dtype=dtype),
                                            1e-3, reduce)
+
+    varlen_attention = importlib.import_module("fastssl.ops.varlen_attention")  # fastssl.ops exports the function
+    cu_seqlens = torch.tensor([0, 37, 234, 1604], dtype=torch.int32)  # one sequence per length class
+    for dtype in (torch.bfloat16, torch.float32):
+        # float16 compiles to bfloat16's code with another element type; float32 differs in its dots.
+        for head_dim in varlen_attention.SUPPORTED_HEAD_DIMS if dtype == torch.bfloat16 else (64,):
+            q, k, v = torch.zeros(1604, 3, 6, head_dim, dtype=dtype).unbind(1)
+            out, lse = varlen_attention._forward_triton(q, k, v, cu_seqlens, 0, 0.125)
+            for deterministic in (False, True):
+                varlen_attention._backward_triton(out, q, k, v, out, lse, cu_seqlens, 0, 0.125, deterministic)
 
 
 def main() -> int:

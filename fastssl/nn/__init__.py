@@ -1,8 +1,11 @@
 """Drop-in modules built on fastssl.ops."""
 
+from fastssl.nn.attention import BlockDiagonalMask, MemEffAttention, MultiCropAttention
 from fastssl.nn.barlow_twins import BarlowTwinsLoss, VICRegLoss
 from fastssl.nn.dino import DINOHead, DINOHeadLoss, DINOLoss, IBOTPatchLoss, KoLeoLoss
+from fastssl.nn.packed_vit import PackedViT, pack_crops, unpack_crops
 from fastssl.nn.sinkhorn import SinkhornKnopp, SwAVLoss
 
-__all__ = ["BarlowTwinsLoss", "DINOHead", "DINOHeadLoss", "DINOLoss", "IBOTPatchLoss", "KoLeoLoss",
-           "SinkhornKnopp", "SwAVLoss", "VICRegLoss"]
+__all__ = ["BarlowTwinsLoss", "BlockDiagonalMask", "DINOHead", "DINOHeadLoss", "DINOLoss", "IBOTPatchLoss",
+           "KoLeoLoss", "MemEffAttention", "MultiCropAttention", "PackedViT", "SinkhornKnopp", "SwAVLoss", "VICRegLoss",
+           "pack_crops", "unpack_crops"]

@@ -4,6 +4,8 @@ from fastssl.ops.barlow_twins import barlow_twins_loss
 from fastssl.ops.dino_head_loss import dino_head_cross_entropy
 from fastssl.ops.dino_loss import dino_cross_entropy
 from fastssl.ops.sinkhorn import sinkhorn_knopp
+from fastssl.ops.varlen_attention import varlen_attention
 from fastssl.ops.vicreg import vicreg_loss
 
-__all__ = ["barlow_twins_loss", "dino_cross_entropy", "dino_head_cross_entropy", "sinkhorn_knopp", "vicreg_loss"]
+__all__ = ["barlow_twins_loss", "dino_cross_entropy", "dino_head_cross_entropy", "sinkhorn_knopp", "varlen_attention",
+           "vicreg_loss"]

@@ -51,6 +51,7 @@ from fastssl._checks import check_float_tensor, check_positive_float
 from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
+from fastssl.ops.triton_math import mma
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
 BLOCK_N, BLOCK_D = 32, 128  # standardization kernels
@@ -137,16 +138,6 @@ def _standardize_backward_kernel(
 
 
 @triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with float32 accumulation. UPCAST (the Triton interpreter only, whose dot
-    mishandles bfloat16 and TF32): multiply exact float32 copies instead, which gives the
-    same exact products a GPU's tensor cores accumulate."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
 def _gram_pair_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, g1_ptr, g2_ptr, partial_ptr, M, N, D,
     SYMMETRIC: tl.constexpr, ONE_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -176,11 +167,11 @@ def _gram_pair_kernel(
         b_offsets = cols[:, None] * D + ks[None, :]
         a = tl.load(a1_ptr + a_offsets, mask=a_mask, other=0.0)
         b = tl.load(b1_ptr + b_offsets, mask=b_mask, other=0.0)
-        acc1 = _mma(a, tl.trans(b), acc1, INPUT_PRECISION, UPCAST)
+        acc1 = mma(a, tl.trans(b), acc1, INPUT_PRECISION, UPCAST)
         if not ONE_VIEW:
             a = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
             b = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
-            acc2 = _mma(a, tl.trans(b), acc2, INPUT_PRECISION, UPCAST)
+            acc2 = mma(a, tl.trans(b), acc2, INPUT_PRECISION, UPCAST)
     if ONE_VIEW:
         acc2 = acc1
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -212,7 +203,7 @@ def _cross_correlation_kernel(
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         a = tl.load(a_ptr + ks[:, None] * D + rows[None, :], mask=(ks < N)[:, None] & (rows < D)[None, :], other=0.0)
         b = tl.load(b_ptr + ks[:, None] * D + cols[None, :], mask=(ks < N)[:, None] & (cols < D)[None, :], other=0.0)
-        acc = _mma(tl.trans(a), b, acc, INPUT_PRECISION, UPCAST)
+        acc = mma(tl.trans(a), b, acc, INPUT_PRECISION, UPCAST)
     c = acc * scale
     mask = (rows < D)[:, None] & (cols < D)[None, :]
     tl.store(c_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], c, mask=mask)

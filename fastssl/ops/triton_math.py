@@ -1,0 +1,14 @@
+"""Triton helpers shared by the ops' kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation. UPCAST (the Triton interpreter only, whose dot
+    mishandles bfloat16 and TF32): multiply exact float32 copies instead, which gives the
+    same exact products a GPU's tensor cores accumulate."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
