@@ -38,4 +38,62 @@ void sinkhorn_write_cuda(const ScoresView& scores, float scale, uintptr_t lse_k,
                          uintptr_t stream);
 #endif
 
+// Differentiable sorting networks (diffsort) and the fused NeCo loss on rows of length n.
+// The network is the (layers, wires) int32 table of fastssl/reference/diffsort.py
+// (code = partner * 4 + is_lo * 2 + keeps_alpha, wires = N = next power of two >= n); on the
+// CPU it lives in host memory, for the CUDA launchers in device memory. distribution indexes
+// DISTRIBUTIONS there (logistic, logistic_phi, gaussian, reciprocal, cauchy, optimal).
+struct SortingNetwork {
+  uintptr_t codes;
+  int64_t layers, wires;
+  int distribution;
+  float art_lambda;
+};
+
+// Rows (rows, n) with strides and a dtype code; data == 0 means "absent" (a zero gradient).
+struct RowsView {
+  uintptr_t data;
+  int dtype;
+  int64_t rows, n;
+  int64_t stride_row, stride_col;
+};
+
+// Matrices (rows, n, n) with strides and a dtype code; data == 0 means "absent".
+struct MatricesView {
+  uintptr_t data;
+  int dtype;
+  int64_t rows, n;
+  int64_t stride_row, stride_i, stride_j;
+};
+
+// Outputs are contiguous float32: x_sorted (R, n), P (R, n, n), grad_x (R, n), loss (R,).
+// NeCo's per-row loss is -(1/n) sum_ij P_t[i, j] log(max(P_s[i, j], 2^-149)); grad_rows (R,)
+// float32 is the upstream gradient of those losses.
+void soft_sort_forward_cpu(const RowsView& x, const SortingNetwork& net, float steepness, uintptr_t x_sorted,
+                           uintptr_t P);
+void soft_sort_backward_cpu(const RowsView& x, const RowsView& grad_sorted, const MatricesView& grad_P,
+                            const SortingNetwork& net, float steepness, uintptr_t grad_x);
+void neco_loss_forward_cpu(const RowsView& student, const RowsView& teacher, const SortingNetwork& net,
+                           float steepness_student, float steepness_teacher, uintptr_t loss);
+void neco_loss_backward_cpu(const RowsView& student, const RowsView& teacher, const SortingNetwork& net,
+                            float steepness_student, float steepness_teacher, uintptr_t grad_rows,
+                            uintptr_t grad_student);
+
+#ifdef FASTSSL_WITH_CUDA
+// The same on the GPU, on the caller's stream; N <= SOFT_SORT_MAX_WIRES_CUDA.
+// The backward takes a float32 workspace of soft_sort_workspace_floats_cuda(...) floats.
+constexpr int64_t SOFT_SORT_MAX_WIRES_CUDA = 256;
+int64_t soft_sort_workspace_floats_cuda(int64_t rows, const SortingNetwork& net);
+void soft_sort_forward_cuda(const RowsView& x, const SortingNetwork& net, float steepness, uintptr_t x_sorted,
+                            uintptr_t P, uintptr_t stream);
+void soft_sort_backward_cuda(const RowsView& x, const RowsView& grad_sorted, const MatricesView& grad_P,
+                             const SortingNetwork& net, float steepness, uintptr_t grad_x, uintptr_t workspace,
+                             uintptr_t stream);
+void neco_loss_forward_cuda(const RowsView& student, const RowsView& teacher, const SortingNetwork& net,
+                            float steepness_student, float steepness_teacher, uintptr_t loss, uintptr_t stream);
+void neco_loss_backward_cuda(const RowsView& student, const RowsView& teacher, const SortingNetwork& net,
+                             float steepness_student, float steepness_teacher, uintptr_t grad_rows,
+                             uintptr_t grad_student, uintptr_t workspace, uintptr_t stream);
+#endif
+
 }  // namespace fastssl

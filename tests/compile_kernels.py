@@ -96,6 +96,21 @@ def run_launchers():
             for deterministic in (False, True):
                 varlen_attention._backward_triton(out, q, k, v, out, lse, cu_seqlens, 0, 0.125, deterministic)
 
+    soft_sort = importlib.import_module("fastssl.ops.soft_sort")  # fastssl.ops exports the functions
+    neco_loss = importlib.import_module("fastssl.ops.neco_loss")
+    # The network is a runtime table: only dtype, padded size and distribution make variants.
+    configs = [(torch.float32, 49, d) for d in soft_sort.DISTRIBUTIONS] + [
+        (torch.bfloat16, 49, "cauchy"), (torch.float16, 49, "cauchy"), (torch.float32, 2, "cauchy"),
+        (torch.float32, 256, "cauchy")]
+    for dtype, n, distribution in configs:
+        x = torch.zeros(3, n, dtype=dtype)
+        soft_sort._soft_sort_forward_triton(x, 10.0, "bitonic", distribution, 0.25)
+        soft_sort.soft_sort_backward_triton(x, x, torch.zeros(3, n, n, dtype=dtype), 10.0, "bitonic", distribution,
+                                            0.25)
+        if n == 49 and distribution == "cauchy" and dtype != torch.float16:
+            neco_loss._neco_rows_triton(x, x, 100.0, 100.0, "bitonic", distribution, 0.25)
+            soft_sort.soft_sort_backward_triton(x, None, None, 100.0, "bitonic", distribution, 0.25, teacher=x,
+                                                grad_rows=torch.ones(3), teacher_steepness=100.0)
 
 def main() -> int:
     JITFunction.run = compile_instead_of_launch

@@ -1,0 +1,252 @@
+import importlib
+
+import pytest
+import torch
+from accuracy import assert_accurate, max_error, output_rounding, rms_error
+from conftest import kernel_devices
+
+import fastssl
+from fastssl.nn import DiffSortNet
+from fastssl.ops import soft_sort
+from fastssl.reference.diffsort import DISTRIBUTIONS, NETWORKS, comparator_count, network_codes, soft_sort_reference
+
+soft_sort_module = importlib.import_module("fastssl.ops.soft_sort")  # fastssl.ops exports the function
+diffsort = pytest.importorskip("diffsort")
+
+SIZES = [2, 3, 7, 16, 49, 64, 100]
+STEEPNESS = [1.0, 10.0, 100.0]
+
+
+def sort_and_grad(fn, x, grad_sorted, grad_P):
+    x = x.detach().clone().requires_grad_()
+    x_sorted, P = fn(x)
+    ((x_sorted.double() * grad_sorted).sum() + (P.double() * grad_P).sum()).backward()
+    return x_sorted.detach(), P.detach(), x.grad
+
+
+def diffsort_fn(network, n, steepness, distribution, device="cpu"):
+    module = diffsort.DiffSortNet(network, n, steepness=steepness, distribution=distribution)
+    module.sorting_network = [[m.to(device) for m in layer] for layer in module.sorting_network]
+    return module
+
+
+def worst(candidates, exact):
+    """The float32 baseline of the accuracy rule: of two plain-PyTorch implementations of the
+    same function (ours and diffsort, with different but equally valid rounding orders), the
+    one with the larger error. With steep comparators a near-tie amplifies rounding by up to
+    steepness / pi, so one rounding realization is not a stable yardstick."""
+    return max(candidates, key=lambda candidate: max_error(candidate, exact))
+
+
+def random_rows(rows, n, device="cpu"):
+    # Distinct values at unit spacing plus noise: ties (alpha near 1/2) and clear orders both occur.
+    return (torch.randn(rows, n, device=device) * 2).float()
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_reference_equals_diffsort_in_float64(network, distribution):
+    # Every steepness for the small sizes, one (cycling) for the large ones: CPU time.
+    cases = [(n, s) for n in SIZES[:4] for s in STEEPNESS] + [(n, STEEPNESS[i]) for i, n in enumerate(SIZES[4:])]
+    for n, steepness in cases:
+        if True:
+            x = torch.randn(2, n, dtype=torch.float64) * 2
+            expected_sorted, expected_P = diffsort.DiffSortNet(network, n, steepness=steepness,
+                                                               distribution=distribution)(x)
+            x_sorted, P = soft_sort_reference(x, steepness, network, distribution)
+            # Both are float64 evaluations of the same formula; they differ by the order of a few
+            # roundings per layer (diffsort multiplies by 0/1 split matrices).
+            torch.testing.assert_close(P, expected_P, rtol=0, atol=1e-12)
+            torch.testing.assert_close(x_sorted, expected_sorted, rtol=0, atol=1e-12 * x.abs().max().item())
+
+
+def test_network_tables():
+    assert network_codes("bitonic", 49).shape == (21, 64)
+    assert network_codes("odd_even", 49).shape == (49, 64)
+    # diffsort's 546 comparators at n=49 include the 63 that meet a discarded wire (pass-through).
+    assert comparator_count("bitonic", 49) == 546 - 63
+    assert comparator_count("odd_even", 7) == 7 * 3
+
+
+def test_reference_gradcheck_float64():
+    x = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    for distribution in DISTRIBUTIONS:
+        torch.autograd.gradcheck(lambda v: soft_sort_reference(v, 3.0, "bitonic", distribution), (x,))
+
+
+# One steepness per (distribution, size), cycling, so that every value meets every size and
+# distribution across the grid while each case runs the interpreter once.
+FORWARD_CASES = [(net, dist, n, STEEPNESS[(i + j) % 3]) for net in NETWORKS
+                 for i, dist in enumerate(DISTRIBUTIONS) for j, n in enumerate(SIZES)]
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("network,distribution,n,steepness", FORWARD_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]:g}" for c in FORWARD_CASES])
+def test_kernel_forward_matches_reference(kernel_device, network, distribution, n, steepness, poisoned_outputs):
+    rows = 4  # errors compared by root mean square over rows (see test_kernel_gradient_matches_reference)
+    x = random_rows(rows, n, kernel_device)
+    with fastssl.use_backend("triton"):
+        x_sorted, P = soft_sort(x, steepness, network, distribution)
+    exact_sorted, exact_P = soft_sort_reference(x.double(), steepness, network, distribution)
+    base_sorted, base_P = soft_sort_reference(x, steepness, network, distribution)
+    other_sorted, other_P = diffsort_fn(network, n, steepness, distribution, kernel_device)(x)
+    base_sorted, base_P = worst([base_sorted, other_sorted], exact_sorted), worst([base_P, other_P], exact_P)
+    assert_accurate(P, base_P, exact_P, atol=output_rounding(exact_P, torch.float32), what="P", statistic=rms_error)
+    assert_accurate(x_sorted, base_sorted, exact_sorted, atol=output_rounding(exact_sorted, torch.float32),
+                    what="x_sorted", statistic=rms_error)
+
+
+GRADIENT_CASES = ([(net, dist, 7, 10.0) for net in NETWORKS for dist in DISTRIBUTIONS]
+                  + [("bitonic", "cauchy", n, 100.0) for n in (2, 3, 49, 100)]
+                  + [("odd_even", "cauchy", 16, 100.0), ("odd_even", "logistic_phi", 49, 1.0)])
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("network,distribution,n,steepness", GRADIENT_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]:g}" for c in GRADIENT_CASES])
+def test_kernel_gradient_matches_reference(kernel_device, network, distribution, n, steepness, poisoned_outputs):
+    # Near-ties amplify each rounding by up to ~steepness per comparator, in the kernel and the
+    # references alike, so errors are compared by their root mean square (accuracy.rms_error).
+    rows = 2 if n <= 16 else 1
+    x = random_rows(rows, n, kernel_device)
+    grad_sorted = torch.randn(rows, n, dtype=torch.float64, device=kernel_device)
+    grad_P = torch.randn(rows, n, n, dtype=torch.float64, device=kernel_device)
+    with fastssl.use_backend("triton"):
+        *_, grad = sort_and_grad(lambda v: soft_sort(v, steepness, network, distribution), x, grad_sorted, grad_P)
+    exact = sort_and_grad(lambda v: soft_sort_reference(v, steepness, network, distribution), x.double(),
+                          grad_sorted, grad_P)[2]
+    base = sort_and_grad(lambda v: soft_sort_reference(v, steepness, network, distribution), x,
+                         grad_sorted, grad_P)[2]
+    other = sort_and_grad(diffsort_fn(network, n, steepness, distribution, kernel_device), x, grad_sorted, grad_P)[2]
+    base = worst([base, other], exact)
+    assert grad.dtype == torch.float32
+    assert_accurate(grad, base, exact, atol=output_rounding(exact, torch.float32), what="gradient",
+                    statistic=rms_error)
+
+
+@pytest.mark.parametrize("network,n", [("bitonic", 49), ("odd_even", 16)])
+def test_gpu_tiling_and_checkpoint_recomputation(monkeypatch, network, n):
+    """The GPU's launch configuration: several P tiles per row (partial dL/dalpha summed over
+    tiles) and checkpoints every ~sqrt(L) layers (recomputation in the backward)."""
+    N = soft_sort_module.padded_size(n)
+    monkeypatch.setattr(soft_sort_module, "INTERPRETER_TILE_ELEMENTS", N * N // 4)
+    monkeypatch.setattr(soft_sort_module, "INTERPRETER_CHECKPOINT_EVERY", 0)
+    _, tile, _ = soft_sort_module.launch_shape(n, torch.device("cpu"))
+    assert N // tile == 4 and soft_sort_module.checkpoint_interval(network_codes(network, n).shape[0],
+                                                                    torch.device("cpu")) > 1
+    x = random_rows(2, n)
+    grad_sorted, grad_P = torch.randn(2, n, dtype=torch.float64), torch.randn(2, n, n, dtype=torch.float64)
+    with fastssl.use_backend("triton"):
+        x_sorted, P, grad = sort_and_grad(lambda v: soft_sort(v, 30.0, network), x, grad_sorted, grad_P)
+    exact = sort_and_grad(lambda v: soft_sort_reference(v, 30.0, network), x.double(), grad_sorted, grad_P)
+    base = sort_and_grad(lambda v: soft_sort_reference(v, 30.0, network), x, grad_sorted, grad_P)
+    other = sort_and_grad(diffsort_fn(network, n, 30.0, "cauchy"), x, grad_sorted, grad_P)
+    for value, b, o, e, what in zip((x_sorted, P, grad), base, other, exact, ("x_sorted", "P", "gradient")):
+        assert_accurate(value, worst([b, o], e), e, atol=output_rounding(e, torch.float32), what=what)
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(kernel_device, dtype):
+    n = 49
+    x = random_rows(1, n, kernel_device).to(dtype)
+    grad_sorted = torch.randn(1, n, dtype=torch.float64, device=kernel_device)
+    grad_P = torch.randn(1, n, n, dtype=torch.float64, device=kernel_device)
+    with fastssl.use_backend("triton"):
+        x_sorted, P, grad = sort_and_grad(lambda v: soft_sort(v, 100.0), x, grad_sorted, grad_P)
+    assert x_sorted.dtype == P.dtype == grad.dtype == dtype
+    # The kernels compute in float32 from the half-precision values and round the outputs once.
+    exact = sort_and_grad(lambda v: soft_sort_reference(v, 100.0), x.double(), grad_sorted, grad_P)
+    base = sort_and_grad(lambda v: soft_sort_reference(v, 100.0), x.float(), grad_sorted, grad_P)
+    for value, b, e, what in zip((x_sorted, P, grad), base, exact, ("x_sorted", "P", "gradient")):
+        assert_accurate(value, b.to(dtype), e, atol=output_rounding(e, dtype), what=what)
+
+
+def test_non_contiguous_rows_and_leading_dimensions():
+    wide = random_rows(2 * 3, 40)
+    x = wide[:, ::2].reshape(2, 3, 20)  # strided columns, two leading dimensions
+    with fastssl.use_backend("triton"):
+        x_sorted, P = soft_sort(x, 10.0, "odd_even", "logistic")
+    expected_sorted, expected_P = soft_sort_reference(x.double(), 10.0, "odd_even", "logistic")
+    assert x_sorted.shape == (2, 3, 20) and P.shape == (2, 3, 20, 20)
+    torch.testing.assert_close(P.double(), expected_P, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_sorted.double(), expected_sorted, rtol=0, atol=1e-5)
+
+
+def test_sorted_output_is_x_times_P_and_P_doubly_stochastic():
+    x = random_rows(2, 49)
+    with fastssl.use_backend("triton"):
+        x_sorted, P = soft_sort(x, 100.0)
+    torch.testing.assert_close(x_sorted, (x[:, None, :] @ P)[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(P.sum(-1), torch.ones(2, 49), rtol=0, atol=1e-5)
+    torch.testing.assert_close(P.sum(-2), torch.ones(2, 49), rtol=0, atol=1e-5)
+    assert (x_sorted[:, 1:] >= x_sorted[:, :-1] - 1e-3).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+def test_diffsortnet_is_a_drop_in(backend):
+    x = random_rows(3, 49)
+    theirs = diffsort.DiffSortNet("bitonic", 49, steepness=100.0)
+    ours = DiffSortNet("bitonic", 49, steepness=100.0)
+    with fastssl.use_backend(backend):
+        x_sorted, P = ours(x)
+    # The accuracy rule against diffsort itself: float64 is exact, float32 the baseline.
+    exact_sorted, exact_P = theirs(x.double())
+    base_sorted, base_P = theirs(x)
+    ours_sorted, ours_P = soft_sort_reference(x, 100.0)
+    base_sorted, base_P = worst([base_sorted, ours_sorted], exact_sorted), worst([base_P, ours_P], exact_P)
+    assert_accurate(P, base_P, exact_P, atol=output_rounding(exact_P, torch.float32), what="P")
+    assert_accurate(x_sorted, base_sorted, exact_sorted, atol=output_rounding(exact_sorted, torch.float32),
+                    what="x_sorted")
+
+
+def test_float64_runs_on_the_reference_and_triton_says_why():
+    x = torch.randn(2, 5, dtype=torch.float64)
+    assert soft_sort(x)[1].dtype == torch.float64
+    with fastssl.use_backend("triton"), pytest.raises(fastssl.BackendUnavailableError, match="float64"):
+        soft_sort(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(x=torch.randn(4, 1)), ValueError, r"n >= 2"),
+        (dict(x=torch.randn(4, 5), network="merge"), ValueError, "network must be one of bitonic, odd_even"),
+        (dict(x=torch.randn(4, 5), distribution="laplace"), ValueError, "distribution must be one of"),
+        (dict(x=torch.tensor([[0.0, float("nan"), 1.0]])), ValueError, "x contains NaN or Inf"),
+        (dict(x=torch.tensor([[0.0, float("inf"), 1.0]])), ValueError, "x contains NaN or Inf"),
+        (dict(x=torch.arange(6).reshape(2, 3)), TypeError, "x must be float"),
+        (dict(x=torch.zeros(0, 5)), ValueError, "x must not be empty"),
+        (dict(x=torch.randn(4, 5), steepness=float("nan")), ValueError, "steepness must be a finite number"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+def test_bad_input(kwargs, error, message, backend):
+    with fastssl.use_backend(backend), pytest.raises(error, match=message):
+        soft_sort(**kwargs)
+    with pytest.raises(ValueError, match="network must be one of"):
+        DiffSortNet("merge", 5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_custom_op_registration(backend):
+    x = random_rows(2, 7).requires_grad_()
+    torch.library.opcheck(torch.ops.fastssl.soft_sort_fwd.default, (x, 10.0, "bitonic", "cauchy", 0.25, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_forward_and_backward():
+    x = random_rows(2, 7).requires_grad_()
+
+    def step(v):
+        x_sorted, P = soft_sort(v * 1.0, 10.0)
+        return (x_sorted * torch.arange(7.0)).sum() + (P * P).sum()
+
+    with fastssl.use_backend("triton"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled(x).backward()
+        grad = x.grad.clone()
+        x.grad = None
+        step(x).backward()
+    torch.testing.assert_close(grad, x.grad)
