@@ -1,11 +1,13 @@
-"""Command line: ``fastssl info``."""
+"""Command line: ``fastssl info`` and ``fastssl train``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import platform
 import sys
+import typing
 
 import torch
 
@@ -57,13 +59,65 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (``--batch-size`` for ``batch_size``); unset options
+    keep the method's or the preset's value."""
+    from fastssl.train.config import METHODS, PRESETS, TrainConfig
+
+    parser.add_argument("method", choices=METHODS)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a small recipe, e.g. tiny: minutes on a CPU")
+    hints = typing.get_type_hints(TrainConfig)
+    for config_field in dataclasses.fields(TrainConfig):
+        if config_field.name == "method":
+            continue
+        option = "--" + config_field.name.replace("_", "-")
+        kind = hints[config_field.name]
+        kwargs = dict(default=None, help=config_field.metadata.get("help", f"default {config_field.default!r}"))
+        if kind is bool:
+            kwargs.update(type=_on_off, metavar="on|off")
+        elif kind is tuple:
+            kwargs.update(type=float, nargs=2, metavar=("MIN", "MAX"))
+        else:
+            kwargs.update(type=next((t for t in typing.get_args(kind) if t is not type(None)), kind))
+        parser.add_argument(option, **kwargs)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastssl.train import resolve_config, train
+
+    overrides = {key: value for key, value in vars(args).items() if key not in ("command", "method", "preset")}
+    try:
+        config = resolve_config(args.method, args.preset, **overrides)
+    except ValueError as error:
+        print(f"fastssl train: error: {error}", file=sys.stderr)
+        return 2
+    result = train(config)
+    if result.losses:
+        print(f"trained steps {result.first_step}..{result.last_step} in {result.seconds:.0f} s: "
+              f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    for step, accuracy in result.knn.items():
+        print(f"kNN top-1 at step {step}: {accuracy:.2f}%")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description=fastssl.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices and available backends (with reasons)")
+    add_train_arguments(commands.add_parser(
+        "train", help="train DINO, SwAV, Barlow Twins or NeCo (torchrun for several processes)"))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "train":
+        return run_train(args)
     return 0
 
 

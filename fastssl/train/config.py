@@ -1,0 +1,197 @@
+"""Training configuration: one dataclass, per-method defaults, presets and validation.
+
+Values resolve in this order: the dataclass defaults, then the method's defaults
+(:data:`METHOD_DEFAULTS`, the original recipes scaled to the built-in data), then a preset
+(:data:`PRESETS`), then what the user sets explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+METHODS = ("dino", "swav", "barlow", "neco")
+VIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # embed dim, heads
+VIT_ARCH = re.compile(r"^vit_(tiny|small|base)(?:_patch(\d+))?(?:_reg(\d+))?$")
+RESNET_ARCHS = ("resnet18", "resnet50")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dino"
+    # data
+    data: Optional[str] = field(default=None, metadata={"help": "ImageFolder root (default: the built-in dataset)"})
+    image_size: int = field(default=32, metadata={"help": "side of the built-in dataset's images"})
+    train_images_per_class: int = 500
+    test_images_per_class: int = 100
+    workers: int = field(default=2, metadata={"help": "data loader processes (0: load in the training process)"})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    # crops
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    local_crops: int = 8
+    global_crop_scale: tuple = (0.4, 1.0)
+    local_crop_scale: tuple = (0.05, 0.4)
+    hue: float = field(default=0.1, metadata={"help": "colour jitter's hue shift (0: none; the slowest CPU transform)"})
+    intensity_jitter: float = field(default=0.4, metadata={"help": "colour jitter's brightness and contrast"})
+    invert_probability: float = field(default=0.0, metadata={"help": "probability of inverting a view's intensities"})
+    # model
+    arch: str = field(default="vit_small_patch16", metadata={
+        "help": "vit_{tiny,small,base}[_patchN][_regN] (timm) or resnet18/resnet50 (torchvision)"})
+    depth: int = field(default=12, metadata={"help": "ViT blocks"})
+    drop_path: float = 0.1
+    pretrained: Optional[str] = field(default=None, metadata={"help": "backbone checkpoint path (NeCo: DINOv2 ViT)"})
+    out_dim: int = field(default=65536, metadata={"help": "DINO prototypes / SwAV prototypes / Barlow projector"})
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    # optimization
+    epochs: int = 100
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this step (schedules keep epochs)"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size, split over the processes"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, lars or sgd"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate for a batch of 256 (scaled linearly)"})
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = field(default=3.0, metadata={"help": "gradient norm clip (0: off)"})
+    # method-specific
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    freeze_last_layer_epochs: int = 1
+    swav_queue_length: int = 0
+    swav_epoch_queue_starts: int = 15
+    swav_freeze_prototypes_steps: int = 313
+    swav_epsilon: float = 0.05
+    barlow_lambda: float = 0.0051
+    neco_queue_size: int = 8192
+    neco_aligned_side: int = field(default=7, metadata={"help": "NeCo RoI-aligns each overlap to side x side patches"})
+    neco_steepness: float = 100.0
+    neco_backbone_lr: float = field(default=4e-5, metadata={"help": "NeCo backbone lr for a batch of 256"})
+    # execution
+    kernels: bool = field(default=True, metadata={
+        "help": "on: fastssl modules and the packed ViT forward; off: the original ops (the benchmark baseline)"})
+    backend: Optional[str] = field(default=None, metadata={
+        "help": "force a fastssl backend (default: the device's default on CUDA, reference on the CPU)"})
+    device: Optional[str] = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    fsdp: bool = field(default=False, metadata={"help": "shard the student and teacher with FSDP2 (fully_shard)"})
+    seed: int = 0
+    # operations
+    output_dir: str = "runs/fastssl"
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    resume: bool = field(default=True, metadata={"help": "continue from output_dir/checkpoint.pt when it exists"})
+    log_every: int = 10
+    knn_every_epochs: int = field(default=0, metadata={"help": "kNN evaluation every N epochs (0: start and end)"})
+    knn: bool = field(default=True, metadata={"help": "kNN accuracy of the features on the built-in held-out split"})
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    progress: bool = True
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch.startswith("vit_")
+
+    def vit_spec(self) -> tuple[int, int, int, int]:
+        """(embed_dim, heads, patch_size, registers) of a ``vit_*`` arch."""
+        match = VIT_ARCH.match(self.arch)
+        width, heads = VIT_WIDTHS[match.group(1)]
+        return width, heads, int(match.group(2) or 16), int(match.group(3) or 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dino": {},
+    "swav": dict(arch="resnet50", optimizer="lars", lr=0.3, min_lr=3e-4, warmup_epochs=0, weight_decay=1e-6,
+                 weight_decay_end=1e-6, clip_grad=0.0, out_dim=3000, head_bottleneck_dim=128, local_crops=6,
+                 global_crop_scale=(0.14, 1.0), local_crop_scale=(0.05, 0.14), swav_queue_length=3840),
+    "barlow": dict(arch="resnet50", optimizer="lars", lr=0.2, min_lr=2e-3, warmup_epochs=10, weight_decay=1.5e-6,
+                   weight_decay_end=1.5e-6, clip_grad=0.0, out_dim=8192, head_hidden_dim=8192, local_crops=0,
+                   global_crop_scale=(0.08, 1.0)),
+    "neco": dict(arch="vit_small_patch14", epochs=25, lr=4e-4, neco_backbone_lr=4e-5, min_lr=4e-6, warmup_epochs=0,
+                 weight_decay=0.04,
+                 weight_decay_end=0.5, momentum_teacher=0.9995, global_crop_size=518, local_crop_size=98,
+                 local_crops=4, global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25), drop_path=0.0,
+                 head_bottleneck_dim=256),
+}
+
+# Small enough to train on a laptop CPU in minutes, on the built-in 32-px dataset.
+_TINY_CROPS = dict(image_size=32, global_crop_size=32, local_crop_size=16, epochs=4, batch_size=32, warmup_epochs=1,
+                   train_images_per_class=200, checkpoint_every=100, knn_every_epochs=0, workers=1)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "dino": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, drop_path=0.0, out_dim=1024, head_hidden_dim=512,
+                     head_bottleneck_dim=128, local_crops=4, lr=4e-3, warmup_teacher_temp_epochs=0,
+                     momentum_teacher=0.99, global_crop_scale=(0.35, 1.0), local_crop_scale=(0.1, 0.35),
+                     weight_decay_end=0.1),
+        "swav": dict(_TINY_CROPS, arch="resnet18", out_dim=100, head_hidden_dim=512, local_crops=4, lr=0.3,
+                     swav_queue_length=0, swav_freeze_prototypes_steps=50, global_crop_scale=(0.35, 1.0),
+                     local_crop_scale=(0.1, 0.35)),
+        "barlow": dict(_TINY_CROPS, arch="resnet18", out_dim=512, head_hidden_dim=512, lr=0.2,
+                       global_crop_scale=(0.3, 1.0)),
+        "neco": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, global_crop_size=32, local_crop_size=16,
+                     local_crops=2, head_hidden_dim=256, head_bottleneck_dim=64, neco_queue_size=1024,
+                     neco_steepness=20.0, lr=1e-3, neco_backbone_lr=1e-4),
+    },
+}
+
+
+def resolve_config(method: str, preset: Optional[str] = None, **overrides: Any) -> TrainConfig:
+    """The config of ``method``: its defaults, then ``preset``, then ``overrides``; validated."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    values = dict(METHOD_DEFAULTS[method])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset][method])
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    config = TrainConfig(method=method, **values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig, world_size: int = 1) -> None:
+    """Raise ValueError with a clear message for configurations that cannot train."""
+    if config.is_vit:
+        if not VIT_ARCH.match(config.arch):
+            raise ValueError(f"unknown ViT arch {config.arch!r}; expected vit_{{tiny,small,base}}[_patchN][_regN], "
+                             "e.g. vit_small_patch14_reg4")
+    elif config.arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown arch {config.arch!r}; expected vit_{{tiny,small,base}}[_patchN][_regN] or "
+                         f"one of {', '.join(RESNET_ARCHS)}")
+    if config.method in ("dino", "neco") and not config.is_vit:
+        raise ValueError(f"{config.method} trains a ViT; got arch {config.arch!r}")
+    if config.data is not None and not os.path.isdir(config.data):
+        raise ValueError(f"--data {config.data!r} is not a directory (expected an ImageFolder root: one "
+                         "sub-directory of images per class)")
+    if config.pretrained is not None and not os.path.isfile(config.pretrained):
+        raise ValueError(f"--pretrained {config.pretrained!r} does not exist")
+    if config.batch_size < world_size:
+        raise ValueError(f"--batch-size {config.batch_size} is smaller than the {world_size} processes: every "
+                         "process needs at least one image")
+    if config.batch_size % world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world_size} processes")
+    if config.method == "dino" and config.batch_size // world_size < 1:
+        raise ValueError("DINO needs at least one image per process")
+    if config.method in ("swav", "barlow") and config.batch_size // world_size < 2:
+        raise ValueError(f"{config.method} normalizes over the batch: use at least 2 images per process")
+    if config.optimizer not in ("adamw", "lars", "sgd"):
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; expected adamw, lars or sgd")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
+    if config.method == "barlow" and config.local_crops:
+        raise ValueError("Barlow Twins uses two crops: set --local-crops 0")
+    if config.method in ("swav",) and config.local_crops < 0:
+        raise ValueError("--local-crops must be >= 0")

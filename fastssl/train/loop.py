@@ -1,0 +1,247 @@
+"""The training loop shared by the four methods: ``train(config)``.
+
+One step: set lr / weight decay / teacher momentum from the schedules, run the method's
+loss under bf16 autocast (CUDA), backward, the method's gradient surgery (frozen layers),
+gradient clipping, optimizer step, EMA teacher update. Around it: checkpoints every N steps
+(atomic), exact resume, progress bar, JSONL/TensorBoard log and kNN evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import fastssl
+from fastssl.train.checkpoint import all_rng_states, atomic_save, load_checkpoint, set_rng_state
+from fastssl.train.config import TrainConfig, validate
+from fastssl.train.data import (
+    SeededViews,
+    ShapesDataset,
+    epoch_loader,
+    evaluation_transform,
+    open_image_folder,
+    rank_batches,
+    seed_python_and_numpy,
+)
+from fastssl.train.knn import knn_accuracy
+from fastssl.train.method import Method, build_method
+from fastssl.train.monitor import MetricLog, ProgressBar
+from fastssl.train.optim import Schedules, apply_schedules, build_optimizer
+from fastssl.train.runtime import (
+    Runtime,
+    full_model_state,
+    full_optimizer_state,
+    gathered,
+    load_full_model_state,
+    load_full_optimizer_state,
+    mean_over_processes,
+    start_runtime,
+    stop_runtime,
+    wrap_student,
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per step run by this call
+    knn: dict[int, float] = field(default_factory=dict)  # step -> top-1 accuracy (%)
+    first_step: int = 0
+    last_step: int = 0
+    seconds: float = 0.0
+    checkpoint: str = ""
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train ``config.method``; returns the losses and kNN accuracies of this run."""
+    runtime = start_runtime(config)
+    try:
+        validate(config, runtime.world_size)
+        with fastssl.use_backend(_backend(config, runtime.device)):
+            return _Trainer(config, runtime).run()
+    finally:
+        stop_runtime(runtime)
+
+
+def _backend(config: TrainConfig, device: torch.device):
+    """The fastssl backend: as requested, else the device's default on CUDA; on the CPU the
+    reference ops (the Triton kernels only run there in the slow interpreter, for tests)."""
+    if config.backend is not None:
+        return config.backend
+    return None if device.type == "cuda" else "reference"
+
+
+def to_device(batch, device: torch.device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(item, device) for item in batch)
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.device = runtime.device
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)  # the same initial weights on every process (FSDP does not broadcast)
+        self.method: Method = build_method(config, config.kernels).to(self.device)
+        self.student = wrap_student(self.method.student, self.method.teacher, runtime)
+        self.method.student = self.student
+        self.optimizer = build_optimizer(config, self.method.parameter_groups())
+        torch.manual_seed(config.seed + runtime.rank)  # per-process randomness from here on (stochastic depth)
+        seed_python_and_numpy(config.seed + runtime.rank)
+        self.train_set, self.knn_sets = self._datasets()
+        self.steps_per_epoch = len(self.train_set) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(self.train_set)} images, fewer than --batch-size "
+                             f"{config.batch_size}")
+        self.schedules = Schedules(config, self.steps_per_epoch)
+        self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
+        self.log = MetricLog(config.output_dir, runtime.is_main)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and config.amp \
+            else contextlib.nullcontext()
+
+    def _datasets(self):
+        config = self.config
+        if config.data is not None:
+            return open_image_folder(config.data), None
+        train_set = ShapesDataset("train", config.train_images_per_class, config.image_size, config.seed)
+        test_set = ShapesDataset("test", config.test_images_per_class, config.image_size, config.seed)
+        return train_set, (train_set, test_set)
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        config = self.config
+        first_step = self._resume() if config.resume else 0
+        total_steps = self.schedules.total_steps
+        last_step = min(total_steps, config.max_steps) if config.max_steps is not None else total_steps
+        result = TrainResult(first_step=first_step, last_step=last_step, checkpoint=self.checkpoint_path)
+        if first_step == 0:
+            self._evaluate(0, result)
+        progress = ProgressBar(last_step, first_step, config.log_every, config.progress and self.runtime.is_main)
+        views = SeededViews(self.train_set, self.method.augmentation(), config.seed)
+        start, step = time.perf_counter(), first_step
+        while step < last_step:
+            epoch = step // self.steps_per_epoch
+            batches = rank_batches(len(self.train_set), config.batch_size, self.runtime.rank,
+                                   self.runtime.world_size, config.seed, epoch, step % self.steps_per_epoch)
+            step_start = time.perf_counter()
+            for batch in epoch_loader(views, batches, config.workers, self.method.collate):
+                loss, values = self._step(to_device(batch, self.device), epoch, step)
+                result.losses.append(loss)
+                speed = config.batch_size / (time.perf_counter() - step_start)
+                step += 1
+                self._record(step, epoch, loss, values, speed, progress)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < last_step:
+                    self._save(step)
+                step_start = time.perf_counter()
+                if step >= last_step:
+                    break
+            if step % self.steps_per_epoch == 0 and config.knn_every_epochs and \
+                    (step // self.steps_per_epoch) % config.knn_every_epochs == 0 and step < last_step:
+                self._evaluate(step, result)
+        progress.close()
+        result.seconds = time.perf_counter() - start
+        if step > first_step:
+            self._save(step)
+            self._evaluate(step, result)
+        self.log.close()
+        return result
+
+    def _step(self, batch, epoch: int, step: int) -> tuple[float, dict]:
+        values = apply_schedules(self.optimizer, self.schedules, step, self.config.batch_size / 256)
+        with self.autocast:
+            loss = self.method.loss(self.student, batch, epoch, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.after_backward(epoch, step)
+        if self.config.clip_grad > 0:
+            parameters = [p for p in self.student.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.clip_grad)
+            values["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        values["momentum"] = self.schedules.teacher_momentum(step)
+        self.method.after_optimizer_step(values["momentum"])
+        return mean_over_processes(loss, self.runtime), values
+
+    def _record(self, step, epoch, loss, values, speed, progress) -> None:
+        progress.update(step - 1, speed, dict(epoch=epoch, loss=loss, lr=values["lr"]))
+        if step % max(1, self.config.log_every) == 0 or step == 1:
+            self.log.write(dict(step=step, epoch=epoch, loss=loss, images_per_second=speed, **values), step)
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, step: int, result: TrainResult) -> None:
+        if not self.config.knn or self.knn_sets is None:
+            if step and self.runtime.is_main and self.config.knn and self.knn_sets is None:
+                print("fastssl: kNN evaluation runs on the built-in dataset only (no labeled held-out split "
+                      "for --data)", file=sys.stderr)
+            return
+        train_set, test_set = self.knn_sets
+        # Every process runs it: under FSDP the backbone's weights are sharded over all of them.
+        network = self.method.teacher if self.method.teacher is not None else self.student
+        with gathered(network, self.runtime):
+            accuracy = knn_accuracy(self.method.evaluation_backbone(), train_set, test_set,
+                                    evaluation_transform(self.config.image_size), self.device,
+                                    len(train_set.classes), self.config.knn_k, self.config.knn_temperature)
+        result.knn[step] = accuracy
+        if self.runtime.is_main:
+            self.log.write(dict(step=step, epoch=step // self.steps_per_epoch, knn_top1=accuracy), step)
+            print(f"fastssl: step {step}: kNN top-1 {accuracy:.2f}% (k={self.config.knn_k})", file=sys.stderr)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self, step: int) -> None:
+        runtime = self.runtime
+        modules = self.method.modules()
+        loss_state = {key: value.cpu() if torch.is_tensor(value) else value
+                      for key, value in modules.pop("loss").state_dict().items()}
+        payload = dict(
+            step=step,
+            config=self.config.to_dict(),
+            models={name: full_model_state(module, runtime) for name, module in modules.items()},
+            optimizer=full_optimizer_state(self.student, self.optimizer, runtime),
+            # Per process: the loss states (SwAV's and NeCo's queues hold local features) and RNGs.
+            per_process=_gather_per_process(dict(loss=loss_state, rng=None)),
+        )
+        if runtime.is_main:
+            atomic_save(payload, self.checkpoint_path)
+        if runtime.distributed:
+            dist.barrier()
+
+    def _resume(self) -> int:
+        checkpoint = load_checkpoint(self.checkpoint_path)
+        if checkpoint is None:
+            return 0
+        runtime = self.runtime
+        modules = self.method.modules()
+        for name, state in checkpoint["models"].items():
+            load_full_model_state(modules[name], state, runtime)
+        load_full_optimizer_state(self.student, self.optimizer, checkpoint["optimizer"], runtime)
+        per_process = checkpoint["per_process"]
+        if len(per_process) != runtime.world_size and runtime.is_main:
+            print(f"fastssl: the checkpoint was written by {len(per_process)} processes, this run has "
+                  f"{runtime.world_size}: training continues but not bit-for-bit", file=sys.stderr)
+        mine = per_process[runtime.rank % len(per_process)]
+        modules["loss"].load_state_dict(mine["loss"])
+        set_rng_state(mine["rng"])
+        if runtime.is_main:
+            print(f"fastssl: resumed from {self.checkpoint_path} at step {checkpoint['step']}", file=sys.stderr)
+        return int(checkpoint["step"])
+
+
+def _gather_per_process(state: dict) -> list[dict]:
+    """Every process's ``state`` (with its RNG states filled in), in rank order."""
+    rng_states = all_rng_states()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [dict(state, rng=rng_states[0])]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return [dict(s, rng=r) for s, r in zip(states, rng_states)]

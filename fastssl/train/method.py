@@ -1,0 +1,80 @@
+"""What a trainer needs from a method, and the registry of the four methods.
+
+A method owns its networks (the trainable ``student``, wrapped by DDP/FSDP, and an optional
+EMA ``teacher``), its loss module (with its state: DINO's center, SwAV's queue, NeCo's
+reference queue) and its augmentation; the training loop (fastssl.train.loop) owns the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fastssl.train.config import TrainConfig
+from fastssl.train.data import MultiCropAugmentation, collate_crops
+from fastssl.train.models import MultiCropBackbone, ema_update, unwrap
+from fastssl.train.optim import split_decay
+
+
+class Method:
+    """Base class: subclasses set ``student``, ``loss_module`` and optionally ``teacher``."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module] = None
+    loss_module: nn.Module
+
+    def __init__(self, config: TrainConfig, kernels: bool):
+        self.config = config
+        self.kernels = kernels
+
+    # data
+    def augmentation(self) -> Callable:
+        config = self.config
+        return MultiCropAugmentation(config.global_crop_size, config.local_crop_size, config.local_crops,
+                                     config.global_crop_scale, config.local_crop_scale, config.hue,
+                                     config.intensity_jitter, config.invert_probability)
+
+    collate = staticmethod(collate_crops)
+
+    # optimization
+    def parameter_groups(self) -> list[dict]:
+        return split_decay(unwrap(self.student).named_parameters(), self.config.lr)
+
+    def loss(self, student: nn.Module, batch, epoch: int, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_backward(self, epoch: int, step: int) -> None:
+        """Gradient surgery before clipping and the optimizer step (frozen layers)."""
+
+    def after_optimizer_step(self, momentum: float) -> None:
+        if self.teacher is not None:
+            ema_update(self.teacher, unwrap(self.student), momentum)
+
+    # evaluation
+    def evaluation_backbone(self) -> MultiCropBackbone:
+        """The backbone whose features kNN evaluates: the teacher's when there is one."""
+        return (self.teacher if self.teacher is not None else unwrap(self.student)).backbone
+
+    # state
+    def modules(self) -> dict[str, nn.Module]:
+        modules = {"student": unwrap(self.student), "loss": self.loss_module}
+        if self.teacher is not None:
+            modules["teacher"] = self.teacher
+        return modules
+
+    def to(self, device: torch.device) -> "Method":
+        for module in self.modules().values():
+            module.to(device)
+        return self
+
+
+METHOD_CLASSES = {"dino": "fastssl.train.dino:DINO", "swav": "fastssl.train.swav:SwAV",
+                  "barlow": "fastssl.train.barlow:BarlowTwins", "neco": "fastssl.train.neco:NeCo"}
+
+
+def build_method(config: TrainConfig, kernels: bool) -> Method:
+    module_name, class_name = METHOD_CLASSES[config.method].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(config, kernels)

@@ -1,0 +1,157 @@
+"""Reference trainers: smoke runs, kernels on/off agreement, exact resume, gloo DDP, bad configs.
+
+Sizes are tiny (16-px images, one ViT block, ResNet-18 on 16 px) so the file runs in about
+two minutes on a CPU; the trainers pick the reference backend there, never the interpreter.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+
+from fastssl.cli import main
+from fastssl.train import resolve_config, train
+from fastssl.train.checkpoint import atomic_save, load_checkpoint
+from fastssl.train.config import validate
+from fastssl.train.data import ShapesDataset, rank_batches
+from fastssl.train.knn import weighted_knn_predict
+from fastssl.train.neco import box_in_crop, box_intersection
+
+TINY = dict(image_size=16, global_crop_size=16, local_crop_size=8, local_crops=2, train_images_per_class=4,
+            test_images_per_class=2, batch_size=8, epochs=2, depth=1, out_dim=64, head_hidden_dim=32,
+            head_bottleneck_dim=16, workers=0, progress=False, threads=1, knn=False)
+
+
+def tiny_config(method, tmp_path, **overrides):
+    values = dict(TINY, output_dir=str(tmp_path / method))
+    if method in ("swav", "barlow"):
+        values.update(arch="resnet18")
+    if method == "barlow":
+        values.update(local_crops=0)
+    if method == "neco":
+        values.update(neco_aligned_side=3, local_crops=1)  # sorting rows of 9 instead of NeCo's 49
+    values.update(overrides)
+    return resolve_config(method, "tiny", **values)
+
+
+@pytest.mark.parametrize("method", ["dino", "swav", "barlow", "neco"])
+def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
+    result = train(tiny_config(method, tmp_path, max_steps=2, knn=method == "dino"))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint["step"] == 2 and set(checkpoint["models"]) >= {"student"}
+    records = [json.loads(line) for line in open(tmp_path / method / "log.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert steps[0]["step"] == 1 and "lr" in steps[0] and "images_per_second" in steps[0]
+    if method == "dino":
+        assert "teacher" in checkpoint["models"] and "center" in checkpoint["per_process"][0]["loss"]
+        assert set(result.knn) == {0, 2} and all(0 <= a <= 100 for a in result.knn.values())
+
+
+@pytest.mark.parametrize("method", ["dino", "barlow"])
+def test_kernels_off_runs_the_original_ops_to_the_same_losses(method, tmp_path):
+    on = train(tiny_config(method, tmp_path / "on", max_steps=2))
+    off = train(tiny_config(method, tmp_path / "off", max_steps=2, kernels=False))
+    torch.testing.assert_close(torch.tensor(off.losses), torch.tensor(on.losses), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("dino", dict(drop_path=0.1)),  # stochastic depth draws from the saved RNG
+    ("swav", dict(swav_queue_length=8, swav_epoch_queue_starts=0, swav_freeze_prototypes_steps=1)),
+    ("neco", dict(neco_queue_size=40)),
+])
+def test_resume_reproduces_the_uninterrupted_losses(method, extra, tmp_path):
+    straight = train(tiny_config(method, tmp_path / "straight", max_steps=4, checkpoint_every=2, **extra))
+    first_half = train(tiny_config(method, tmp_path / "resumed", max_steps=2, **extra))
+    second_half = train(tiny_config(method, tmp_path / "resumed", max_steps=4, **extra))
+    assert second_half.first_step == 2
+    assert first_half.losses + second_half.losses == straight.losses
+
+
+def _train_on_two_processes(rank, world_size, tmp_path, fsdp):
+    straight = train(tiny_config("dino", tmp_path / "straight", max_steps=3, fsdp=fsdp))
+    train(tiny_config("dino", tmp_path / "resumed", max_steps=2, fsdp=fsdp))
+    resumed = train(tiny_config("dino", tmp_path / "resumed", max_steps=3, fsdp=fsdp))
+    torch.save((straight.losses, resumed.losses), tmp_path / f"losses_{rank}.pt")
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_gloo_two_processes_match_one_process_and_resume(fsdp, tmp_path):
+    run_distributed(_train_on_two_processes, tmp_path, fsdp, world_size=2)
+    (straight, resumed), other_rank = [torch.load(tmp_path / f"losses_{rank}.pt") for rank in range(2)]
+    assert other_rank == (straight, resumed)  # the logged loss is averaged over the processes
+    assert resumed == straight[2:]
+    single = train(tiny_config("dino", tmp_path / "single", max_steps=3))
+    # The same images (augmentations are seeded per sample), half a batch per process.
+    torch.testing.assert_close(torch.tensor(straight), torch.tensor(single.losses), rtol=1e-4, atol=1e-4)
+    assert len(load_checkpoint(str(tmp_path / "straight" / "dino" / "checkpoint.pt"))["per_process"]) == 2
+
+
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        os.makedirs(tmp_path / "images" / label)
+        for index in range(4):
+            color = (index * 60, 255 - index * 60, 128) if label == "a" else (0, index * 60, 255)
+            Image.new("RGB", (20, 24), color).save(tmp_path / "images" / label / f"{index}.png")
+    result = train(tiny_config("dino", tmp_path, data=str(tmp_path / "images"), max_steps=1, knn=True))
+    assert len(result.losses) == 1 and result.knn == {}  # no labeled held-out split for --data
+
+
+def test_cli_train_and_bad_configs(tmp_path, capsys):
+    args = ["train", "dino", "--preset", "tiny", "--output-dir", str(tmp_path / "cli"), "--max-steps", "1",
+            "--image-size", "16", "--global-crop-size", "16", "--local-crop-size", "8", "--local-crops", "1",
+            "--depth", "1", "--out-dim", "32", "--train-images-per-class", "2", "--batch-size", "4",
+            "--workers", "0", "--knn", "off", "--progress", "off", "--kernels", "off",
+            "--global-crop-scale", "0.5", "1.0"]
+    assert main(args) == 0
+    assert "loss" in capsys.readouterr().out
+
+    for bad, message in ((["--arch", "vit_huge"], "unknown ViT arch"), (["--arch", "resnet7"], "unknown arch"),
+                         (["--data", str(tmp_path / "missing")], "is not a directory"),
+                         (["--optimizer", "adam"], "unknown optimizer")):
+        assert main(["train", "dino", *bad]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "simclr"])
+    with pytest.raises(ValueError, match="smaller than the 4 processes"):
+        validate(resolve_config("dino", batch_size=2), world_size=4)
+    with pytest.raises(ValueError, match="trains a ViT"):
+        resolve_config("dino", arch="resnet50")
+
+
+def test_builtin_dataset_is_deterministic_with_disjoint_splits():
+    a, b = ShapesDataset("train", 3, 16, seed=1), ShapesDataset("train", 3, 16, seed=1)
+    test = ShapesDataset("test", 3, 16, seed=1)
+    assert len(a) == 30 and len(a.classes) == 10 and a.images.dtype == torch.uint8
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, test.images)
+
+
+def test_data_order_splits_each_global_batch_over_processes():
+    shares = [rank_batches(20, 8, rank, 2, seed=0, epoch=1) for rank in range(2)]
+    assert [len(s) for s in shares] == [2, 2] and all(len(batch) == 4 for s in shares for batch in s)
+    seen = [index for s in shares for batch in s for _, index in batch]
+    assert len(set(seen)) == 16
+    assert rank_batches(20, 8, 0, 2, seed=0, epoch=1, first_step=1) == shares[0][1:]
+
+
+def test_weighted_knn_and_neco_overlap_geometry():
+    features = torch.nn.functional.normalize(torch.eye(3).repeat_interleave(2, 0) + 0.01 * torch.randn(6, 3), dim=1)
+    labels = torch.arange(3).repeat_interleave(2)
+    assert torch.equal(weighted_knn_predict(features, labels, features[::2], 3, k=2), labels[::2])
+
+    crop = torch.tensor([[10.0, 0.0, 30.0, 20.0]])
+    overlap = box_intersection(crop, torch.tensor([[20.0, 5.0, 40.0, 25.0]]))
+    assert overlap.tolist() == [[20.0, 5.0, 30.0, 20.0]]
+    assert box_in_crop(overlap, crop, torch.tensor([False]), 4).tolist() == [[2.0, 1.0, 4.0, 4.0]]
+    assert box_in_crop(overlap, crop, torch.tensor([True]), 4).tolist() == [[0.0, 1.0, 2.0, 4.0]]
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    atomic_save({"step": 1}, path)
+    atomic_save({"step": 2}, path)
+    assert load_checkpoint(path) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
