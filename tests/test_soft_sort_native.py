@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from accuracy import assert_accurate, output_rounding
+from accuracy import assert_accurate, output_rounding, rms_error
 
 from fastssl import _native
 from fastssl.ops import _soft_sort_native as native
@@ -67,8 +67,9 @@ def check_sort(x, steepness, network, distribution, grad_sorted, grad_P, what):
     grad_x = native.soft_sort_backward_native(x, grad_sorted, grad_P, steepness, network, distribution, ART_LAMBDA)
     for name, actual, base, ex in zip(("x_sorted", "P", "grad_x"), (x_sorted, P, grad_x), baseline, exact):
         assert actual.dtype == torch.float32
+        # Root mean square: steep networks amplify roundings chaotically (see test_soft_sort).
         assert_accurate(actual.cpu(), base.cpu(), ex.cpu(), atol=output_rounding(ex, torch.float32),
-                        what=f"{what} {name}")
+                        what=f"{what} {name}", statistic=rms_error)
 
 
 @pytest.mark.parametrize("network", NETWORKS)
@@ -145,8 +146,9 @@ def check_neco(student, teacher, steepness_student, steepness_teacher, network, 
     loss = native.neco_loss_forward_native(student, teacher, *args)
     grad = native.neco_loss_backward_native(grad_rows, student, teacher, *args)
     for name, actual, base, ex in zip(("loss", "grad"), (loss, grad), baseline, exact):
+        # Root mean square: steep networks amplify roundings chaotically (see test_soft_sort).
         assert_accurate(actual.cpu(), base.cpu(), ex.cpu(), atol=output_rounding(ex, torch.float32),
-                        what=f"{what} {name}")
+                        what=f"{what} {name}", statistic=rms_error)
 
 
 @pytest.mark.parametrize("network", NETWORKS)
