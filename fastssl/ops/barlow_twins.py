@@ -262,6 +262,15 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return tensor
 
 
+def gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All ranks' rows of (N_local, D) ``x``, in rank order (``x`` itself in one process)."""
+    if group is None:
+        return x
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), x.shape[1]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
 def global_mean_var(z: torch.Tensor, group: ProcessGroup, n_global: int):
     """Column mean and biased variance over the global batch, in float32 (two all-reduces
     of D floats when distributed: the sum, then the squared deviations)."""
@@ -330,12 +339,7 @@ class _BarlowTwins(torch.autograd.Function):
             mm_diag = c_diag
             if mm1.dtype != torch.float32 or mm2.dtype != torch.float32:
                 mm_diag = all_reduce((mm1.float() * mm2.float()).sum(0), group) / n_global
-            all1, all2 = mm1, mm2
-            if group is not None:
-                all1 = mm1.new_empty((n_global, mm1.shape[1]))
-                all2 = mm2.new_empty((n_global, mm2.shape[1]))
-                dist.all_gather_into_tensor(all1, mm1, group=group)
-                dist.all_gather_into_tensor(all2, mm2, group=group)
+            all1, all2 = gather_rows(mm1, group), gather_rows(mm2, group)
             g1_rows, g2_rows, frobenius = gram_pair(mm1, all1, mm2, all2, symmetric=group is None)  # this rank's rows
             off_diagonal = all_reduce(frobenius, group) / n_global**2 - mm_diag.square().sum()
             saved = (g1_rows, g2_rows, all1, all2)

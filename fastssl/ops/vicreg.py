@@ -41,6 +41,7 @@ from fastssl.ops.barlow_twins import (
     all_reduce,
     check_view_pair,
     cross_correlation,
+    gather_rows,
     global_mean_var,
     gram_pair,
     raise_if_not_finite,
@@ -50,15 +51,6 @@ from fastssl.ops.barlow_twins import (
 from fastssl.ops.dino_loss import kernel_dtype_reason
 
 VARIANCE_EPS = 1e-4  # inside the official sqrt(var + 1e-4)
-
-
-def _gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """All ranks' rows, in rank order."""
-    if group is None:
-        return x
-    out = x.new_empty((x.shape[0] * dist.get_world_size(group), x.shape[1]))
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
 
 
 def _covariance_penalty(xc: torch.Tensor, var: torch.Tensor, dtype: torch.dtype, group: ProcessGroup,
@@ -72,7 +64,7 @@ def _covariance_penalty(xc: torch.Tensor, var: torch.Tensor, dtype: torch.dtype,
         mm_var = var
         if operand.dtype != torch.float32:
             mm_var = all_reduce(operand.float().square().sum(0), group) / (n_global - 1)
-        rows = _gather(operand, group)
+        rows = gather_rows(operand, group)
         gram, _, frobenius = gram_pair(operand, rows, symmetric=group is None)  # this rank's rows of G
         penalty = all_reduce(frobenius, group) / (n_global - 1) ** 2 - mm_var.square().sum()
         return penalty, mm_var, (gram, rows)
