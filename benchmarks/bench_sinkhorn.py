@@ -14,7 +14,7 @@ against it for every contender, so "% of copy" says how close each is to the ban
 import torch
 
 import fastssl
-from fastssl.benchmark import Case, Contender, compiled, parse_args, run_benchmark
+from fastssl.benchmark import Case, Contender, compiled, kernel_backends, parse_args, run_benchmark
 from fastssl.ops import sinkhorn_knopp
 from fastssl.ops.sinkhorn import sinkhorn_knopp_bytes
 from fastssl.reference import sinkhorn_knopp_original
@@ -39,14 +39,6 @@ def original(scores, eps, n_iters):
     return sinkhorn_knopp_original(scores.float(), eps, n_iters)
 
 
-def backends(device, smoke):
-    """The kernels to time: Triton and CUDA on a GPU, C++ on the CPU (and the Triton
-    interpreter in smoke runs, to keep its launch path alive)."""
-    if device.type == "cuda":
-        return ["triton", "cuda"]
-    return ["triton", "cpp"] if smoke else ["cpp"]
-
-
 def make_cases(device, smoke, args):
     cases = []
     compiled_original = compiled(original, args)
@@ -61,7 +53,8 @@ def make_cases(device, smoke, args):
                     return sinkhorn_knopp(scores, eps, n_iters)
             return run
 
-        contenders = [Contender(f"fastssl ({backend})", fastssl_fn(backend)) for backend in backends(device, smoke)]
+        contenders = [Contender(f"fastssl ({backend})", fastssl_fn(backend))
+                       for backend in kernel_backends(device, smoke)]
         contenders.append(Contender("original (eager)", lambda s=scores, e=eps, n=n_iters: original(s, e, n)))
         if compiled_original is not None:
             contenders.append(

@@ -60,6 +60,14 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def kernel_backends(device: torch.device, smoke: bool) -> list[str]:
+    """The kernel backends an op with native kernels is timed on: Triton and CUDA on a GPU,
+    C++ on the CPU (plus the Triton interpreter in smoke runs, to keep its launch path alive)."""
+    if device.type == "cuda":
+        return ["triton", "cuda"]
+    return ["triton", "cpp"] if smoke else ["cpp"]
+
+
 def benchmark_device(args: argparse.Namespace) -> torch.device:
     if args.smoke or args.cpu:
         return torch.device("cpu")
