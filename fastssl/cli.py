@@ -1,4 +1,4 @@
-"""Command line: ``fastssl info`` and ``fastssl train``."""
+"""Command line: ``fastssl info``, ``fastssl train`` and ``fastssl bench e2e``."""
 
 from __future__ import annotations
 
@@ -107,17 +107,31 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastssl.train import bench_e2e
+
+    suites = parser.add_subparsers(dest="suite", required=True)
+    summary = "the training step of each published recipe, kernels on and off, and the GPU-hours saved"
+    bench_e2e.add_arguments(suites.add_parser("e2e", help=summary, description=summary))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description=fastssl.__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, devices and available backends (with reasons)")
     add_train_arguments(commands.add_parser(
         "train", help="train DINO, SwAV, Barlow Twins or NeCo (torchrun for several processes)"))
+    add_bench_arguments(commands.add_parser(
+        "bench", help="the end-to-end benchmark (every benchmark at once: python benchmarks/run_all.py)"))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
     elif args.command == "train":
         return run_train(args)
+    elif args.command == "bench":
+        from fastssl.train import bench_e2e
+
+        bench_e2e.run(args)
     return 0
 
 

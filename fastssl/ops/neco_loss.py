@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
 from fastssl.backend import Reason, select_backend
 from fastssl.ops._soft_sort_native import neco_loss_backward_native, neco_loss_forward_native, why_not_native
@@ -46,6 +47,7 @@ from fastssl.ops.soft_sort import (
     soft_sort_backward_triton,
     why_not_triton,
 )
+from fastssl.profiling import SORTING
 from fastssl.reference.diffsort import network_codes_tensor
 from fastssl.reference.neco import neco_loss_rows_reference
 
@@ -199,11 +201,13 @@ def neco_loss(
     backend = select_backend("neco_loss", student_sim.device, {
         "cuda": native_reason, "triton": triton_reason, "cpp": native_reason, "reference": lambda: None,
     }, preference=DEFAULT_BACKENDS)
-    if backend == "reference":
-        per_row = neco_loss_rows_reference(student_sim, teacher_sim, float(steepness_student),
-                                           float(steepness_teacher), network, distribution, float(art_lambda))
-    else:
-        per_row = _neco_rows_op(student_sim.reshape(-1, n), teacher_sim.reshape(-1, n), float(steepness_student),
-                                float(steepness_teacher), network, distribution, float(art_lambda), backend)
-        per_row = per_row.view(student_sim.shape[:-1])
+    with record_function(SORTING):  # the fused op is mostly its two sorting networks
+        if backend == "reference":
+            per_row = neco_loss_rows_reference(student_sim, teacher_sim, float(steepness_student),
+                                               float(steepness_teacher), network, distribution, float(art_lambda))
+        else:
+            per_row = _neco_rows_op(student_sim.reshape(-1, n), teacher_sim.reshape(-1, n),
+                                    float(steepness_student), float(steepness_teacher), network, distribution,
+                                    float(art_lambda), backend)
+            per_row = per_row.view(student_sim.shape[:-1])
     return per_row.mean() if reduction == "mean" else per_row

@@ -65,10 +65,12 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.ops.triton_math import mma
+from fastssl.profiling import ATTENTION
 from fastssl.reference.attention import varlen_attention_reference
 
 LOG2_E = 1.4426950408889634
@@ -602,12 +604,14 @@ def varlen_attention(
         "triton": lambda: _why_not_triton(q, k, v),
         "reference": lambda: None,
     })
-    if backend == "reference":
-        if validate:
-            check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
-        return varlen_attention_reference(q, k, v, cu_seqlens, scale)
-    out, _ = _forward_op(q, k, v, cu_seqlens, max_seqlen or 0, float(scale), bool(deterministic), bool(validate))
-    return out
+    with record_function(ATTENTION):
+        if backend == "reference":
+            if validate:
+                check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+            return varlen_attention_reference(q, k, v, cu_seqlens, scale)
+        out, _ = _forward_op(q, k, v, cu_seqlens, max_seqlen or 0, float(scale), bool(deterministic),
+                             bool(validate))
+        return out
 
 
 def varlen_attention_flops(lengths, heads: int, head_dim: int, backward: bool = False) -> int:

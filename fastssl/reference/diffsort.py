@@ -37,6 +37,9 @@ import math
 
 import numpy as np
 import torch
+from torch.profiler import record_function
+
+from fastssl.profiling import SORTING
 
 NETWORKS = ("bitonic", "odd_even")
 DISTRIBUTIONS = ("logistic", "logistic_phi", "gaussian", "reciprocal", "cauchy", "optimal")
@@ -153,23 +156,24 @@ def soft_sort_reference(
     cast back). Differentiable by autograd; O(layers * N^2) memory per row, like diffsort."""
     check_network(network)
     check_distribution(distribution)
-    n = x.shape[-1]
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    codes = network_codes_tensor(network, n, x.device).long()
-    N = codes.shape[1]
-    partners, is_lo, self_alpha = codes >> 2, (codes >> 1) & 1 == 1, codes & 1 == 1
-    through = partners == torch.arange(N, device=x.device)
-    values = torch.nn.functional.pad(x.to(compute), (0, N - n))
-    P = torch.eye(N, dtype=compute, device=x.device).expand(*x.shape[:-1], N, N)
-    for k in range(codes.shape[0]):
-        partner = partners[k]
-        x_partner = values[..., partner]
-        d = torch.where(is_lo[k], x_partner - values, values - x_partner)
-        alpha = relaxed_min_weight(d, steepness, distribution, art_lambda)
-        c = torch.where(through[k], torch.ones_like(alpha), torch.where(self_alpha[k], alpha, 1 - alpha))
-        values = c * values + (1 - c) * x_partner
-        P = c[..., None, :] * P + (1 - c)[..., None, :] * P[..., partner]
-    return values[..., :n].to(x.dtype), P[..., :n, :n].to(x.dtype)
+    with record_function(SORTING):
+        n = x.shape[-1]
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        codes = network_codes_tensor(network, n, x.device).long()
+        N = codes.shape[1]
+        partners, is_lo, self_alpha = codes >> 2, (codes >> 1) & 1 == 1, codes & 1 == 1
+        through = partners == torch.arange(N, device=x.device)
+        values = torch.nn.functional.pad(x.to(compute), (0, N - n))
+        P = torch.eye(N, dtype=compute, device=x.device).expand(*x.shape[:-1], N, N)
+        for k in range(codes.shape[0]):
+            partner = partners[k]
+            x_partner = values[..., partner]
+            d = torch.where(is_lo[k], x_partner - values, values - x_partner)
+            alpha = relaxed_min_weight(d, steepness, distribution, art_lambda)
+            c = torch.where(through[k], torch.ones_like(alpha), torch.where(self_alpha[k], alpha, 1 - alpha))
+            values = c * values + (1 - c) * x_partner
+            P = c[..., None, :] * P + (1 - c)[..., None, :] * P[..., partner]
+        return values[..., :n].to(x.dtype), P[..., :n, :n].to(x.dtype)
 
 
 class DiffSortNetReference(torch.nn.Module):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from fastssl.nn import BarlowTwinsLoss
+from fastssl.profiling import LOSS
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 from fastssl.train.config import TrainConfig
 from fastssl.train.method import Method
@@ -56,4 +58,5 @@ class BarlowTwins(Method):
 
     def loss(self, student, crops, epoch, step):
         z1, z2 = student(crops)
-        return self.loss_module(z1.float(), z2.float())
+        with record_function(LOSS):
+            return self.loss_module(z1.float(), z2.float())

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 METHODS = ("dino", "swav", "barlow", "neco")
-VIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}  # embed dim, heads
-VIT_ARCH = re.compile(r"^vit_(tiny|small|base)(?:_patch(\d+))?(?:_reg(\d+))?$")
+VIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}  # dim, heads
+VIT_ARCH = re.compile(r"^vit_(tiny|small|base|large)(?:_patch(\d+))?(?:_reg(\d+))?$")
 RESNET_ARCHS = ("resnet18", "resnet50")
 
 
@@ -40,7 +40,7 @@ class TrainConfig:
     invert_probability: float = field(default=0.0, metadata={"help": "probability of inverting a view's intensities"})
     # model
     arch: str = field(default="vit_small_patch16", metadata={
-        "help": "vit_{tiny,small,base}[_patchN][_regN] (timm) or resnet18/resnet50 (torchvision)"})
+        "help": "vit_{tiny,small,base,large}[_patchN][_regN] (timm) or resnet18/resnet50 (torchvision)"})
     depth: int = field(default=12, metadata={"help": "ViT blocks"})
     drop_path: float = 0.1
     pretrained: Optional[str] = field(default=None, metadata={"help": "backbone checkpoint path (NeCo: DINOv2 ViT)"})
@@ -166,11 +166,11 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     """Raise ValueError with a clear message for configurations that cannot train."""
     if config.is_vit:
         if not VIT_ARCH.match(config.arch):
-            raise ValueError(f"unknown ViT arch {config.arch!r}; expected vit_{{tiny,small,base}}[_patchN][_regN], "
-                             "e.g. vit_small_patch14_reg4")
+            raise ValueError(f"unknown ViT arch {config.arch!r}; expected "
+                             "vit_{tiny,small,base,large}[_patchN][_regN], e.g. vit_small_patch14_reg4")
     elif config.arch not in RESNET_ARCHS:
-        raise ValueError(f"unknown arch {config.arch!r}; expected vit_{{tiny,small,base}}[_patchN][_regN] or "
-                         f"one of {', '.join(RESNET_ARCHS)}")
+        raise ValueError(f"unknown arch {config.arch!r}; expected vit_{{tiny,small,base,large}}[_patchN][_regN] "
+                         f"or one of {', '.join(RESNET_ARCHS)}")
     if config.method in ("dino", "neco") and not config.is_vit:
         raise ValueError(f"{config.method} trains a ViT; got arch {config.arch!r}")
     if config.data is not None and not os.path.isdir(config.data):

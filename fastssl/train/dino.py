@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from fastssl.nn import DINOHead, DINOLoss
+from fastssl.profiling import LOSS
 from fastssl.reference.dino import DINOLossOriginal
 from fastssl.train.config import TrainConfig
 from fastssl.train.method import Method
@@ -42,7 +44,8 @@ class DINO(Method):
         with torch.no_grad():
             teacher_logits = self.teacher(crops[:2])
         # The loss in float32: softmax over 65536 prototypes in bf16 loses the sharpened targets.
-        return self.loss_module(student_logits.float(), teacher_logits.float(), epoch)
+        with record_function(LOSS):
+            return self.loss_module(student_logits.float(), teacher_logits.float(), epoch)
 
     def after_backward(self, epoch, step):
         # DINO keeps the prototypes fixed during the first epoch(s): it stabilizes training.

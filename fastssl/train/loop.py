@@ -64,18 +64,48 @@ def train(config: TrainConfig) -> TrainResult:
     runtime = start_runtime(config)
     try:
         validate(config, runtime.world_size)
-        with fastssl.use_backend(_backend(config, runtime.device)):
+        with fastssl.use_backend(default_backend(config, runtime.device)):
             return _Trainer(config, runtime).run()
     finally:
         stop_runtime(runtime)
 
 
-def _backend(config: TrainConfig, device: torch.device):
+def default_backend(config: TrainConfig, device: torch.device):
     """The fastssl backend: as requested, else the device's default on CUDA; on the CPU the
     reference ops (the Triton kernels only run there in the slow interpreter, for tests)."""
     if config.backend is not None:
         return config.backend
     return None if device.type == "cuda" else "reference"
+
+
+def step_autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA (unless --amp off); nothing on the CPU."""
+    if device.type == "cuda" and config.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(method: Method, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedules: Schedules,
+               batch, epoch: int, step: int, autocast) -> tuple[torch.Tensor, dict]:
+    """One optimization step of ``method`` on this process's ``batch``; returns the local loss
+    and the values to log (lr, weight decay, gradient norm, teacher momentum)."""
+    config = method.config
+    values = apply_schedules(optimizer, schedules, step, config.batch_size / 256)
+    with autocast:
+        loss = method.loss(student, batch, epoch, step)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(epoch, step)
+    if config.clip_grad > 0:
+        parameters = [p for p in student.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
+        values["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    values["momentum"] = schedules.teacher_momentum(step)
+    method.after_optimizer_step(values["momentum"])
+    return loss, values
 
 
 def to_device(batch, device: torch.device):
@@ -105,8 +135,7 @@ class _Trainer:
         self.schedules = Schedules(config, self.steps_per_epoch)
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
         self.log = MetricLog(config.output_dir, runtime.is_main)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and config.amp \
-            else contextlib.nullcontext()
+        self.autocast = step_autocast(config, self.device)
 
     def _datasets(self):
         config = self.config
@@ -156,21 +185,8 @@ class _Trainer:
         return result
 
     def _step(self, batch, epoch: int, step: int) -> tuple[float, dict]:
-        values = apply_schedules(self.optimizer, self.schedules, step, self.config.batch_size / 256)
-        with self.autocast:
-            loss = self.method.loss(self.student, batch, epoch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.method.after_backward(epoch, step)
-        if self.config.clip_grad > 0:
-            parameters = [p for p in self.student.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.clip_grad)
-            values["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self.optimizer.step()
-        values["momentum"] = self.schedules.teacher_momentum(step)
-        self.method.after_optimizer_step(values["momentum"])
+        loss, values = train_step(self.method, self.student, self.optimizer, self.schedules, batch, epoch, step,
+                                  self.autocast)
         return mean_over_processes(loss, self.runtime), values
 
     def _record(self, step, epoch, loss, values, speed, progress) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from fastssl.nn import NeCoLoss, align_crop_overlap
 from fastssl.nn.neco import cosine_similarity_rows
+from fastssl.profiling import LOSS
 from fastssl.reference.neco import neco_loss_original
 from fastssl.train.config import TrainConfig
 from fastssl.train.data import NeCoCrops, collate_neco
@@ -90,10 +92,14 @@ class NeCo(Method):
         student_maps = [m.float() for m in student(crops)]
         with torch.no_grad():
             teacher_maps = [m.float() for m in self.teacher(crops[:2])]
-        references = self.loss_module.references_from_queue(crops[0].shape[0])
+        with record_function(LOSS):
+            return self._overlap_loss(student_maps, teacher_maps, boxes, flipped)
+
+    def _overlap_loss(self, student_maps, teacher_maps, boxes, flipped):
+        references = self.loss_module.references_from_queue(boxes.shape[0])
         side, pair_losses, queued = self.config.neco_aligned_side, [], None
         for c in range(2):
-            for v in range(len(crops)):
+            for v in range(len(student_maps)):
                 if v == c:
                     continue
                 overlap = box_intersection(boxes[:, c], boxes[:, v])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from fastssl.nn import SwAVLoss
+from fastssl.profiling import LOSS
 from fastssl.reference.sinkhorn import swav_loss_original
 from fastssl.train.config import TrainConfig
 from fastssl.train.method import Method
@@ -79,10 +81,11 @@ class SwAV(Method):
     def loss(self, student, crops, epoch, step):
         embeddings, scores = student(crops)
         config = self.config
-        if config.swav_queue_length == 0 or epoch < config.swav_epoch_queue_starts:
-            return self.loss_without_queue(scores.float())
-        prototypes = unwrap(student).prototypes.weight
-        return self.loss_module(scores.float(), embeddings.detach().float(), prototypes.detach().float())
+        with record_function(LOSS):
+            if config.swav_queue_length == 0 or epoch < config.swav_epoch_queue_starts:
+                return self.loss_without_queue(scores.float())
+            prototypes = unwrap(student).prototypes.weight
+            return self.loss_module(scores.float(), embeddings.detach().float(), prototypes.detach().float())
 
     def to(self, device):
         self.loss_without_queue.to(device)
