@@ -127,10 +127,13 @@ _TINY_CROPS = dict(image_size=32, global_crop_size=32, local_crop_size=16, epoch
                    train_images_per_class=200, checkpoint_every=100, knn_every_epochs=0, workers=1)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
+        # A sharp teacher (0.02) and mild crops: softer targets or harder crops collapse this
+        # small network to a constant output within a few hundred steps.
         "dino": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, drop_path=0.0, out_dim=1024, head_hidden_dim=512,
-                     head_bottleneck_dim=128, local_crops=4, lr=4e-3, warmup_teacher_temp_epochs=0,
-                     momentum_teacher=0.99, global_crop_scale=(0.35, 1.0), local_crop_scale=(0.1, 0.35),
-                     weight_decay_end=0.1),
+                     head_bottleneck_dim=128, local_crops=4, epochs=6, lr=2e-3, teacher_temp=0.02,
+                     warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0, momentum_teacher=0.996,
+                     global_crop_scale=(0.5, 1.0), local_crop_scale=(0.25, 0.5), weight_decay_end=0.1, hue=0.0,
+                     workers=0),
         "swav": dict(_TINY_CROPS, arch="resnet18", out_dim=100, head_hidden_dim=512, local_crops=4, lr=0.3,
                      swav_queue_length=0, swav_freeze_prototypes_steps=50, global_crop_scale=(0.35, 1.0),
                      local_crop_scale=(0.1, 0.35)),
