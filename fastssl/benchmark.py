@@ -1,6 +1,6 @@
 """Benchmark harness shared by every op's script in benchmarks/.
 
-In ONE process: measure the device's own ceilings (a large bf16 matmul, a large
+In ONE process: measure the device's own ceilings (a large matmul, bf16 on a GPU, a large
 device-to-device copy), then time every contender on the same inputs (median of CUDA-event
 timings after warm-up, via ``triton.testing.do_bench``), record peak memory, achieved GB/s
 and TFLOP/s against the op's minimal traffic and FLOPs, the percentage of the measured
@@ -104,17 +104,20 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 
 
 def measure_ceilings(device: torch.device, smoke: bool) -> dict:
-    """The device's own bf16 matmul TFLOP/s and device-to-device copy GB/s."""
+    """The device's own matmul TFLOP/s (bf16 on a GPU; float32 on the CPU, where bf16 may
+    have no hardware support) and device-to-device copy GB/s."""
     n = 256 if smoke else (2048 if device.type == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     matmul_ms = time_ms(lambda: a @ b, device)
     copy_elements = (1 << 16) if smoke else (1 << 28 if device.type == "cuda" else 1 << 26)  # 1 GiB on a GPU
     src = torch.empty(copy_elements, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device)
     return {
-        "bf16_matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "copy_gbps": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9,  # read + write
         "matmul_size": n,
         "copy_bytes": src.numel() * 4,
@@ -137,7 +140,7 @@ def run_case(case: Case, device: torch.device, ceilings: dict) -> dict:
             row["pct_copy_ceiling"] = 100 * row["gbps"] / ceilings["copy_gbps"]
         if case.min_flops:
             row["tflops"] = case.min_flops / (ms * 1e-3) / 1e12
-            row["pct_matmul_ceiling"] = 100 * row["tflops"] / ceilings["bf16_matmul_tflops"]
+            row["pct_matmul_ceiling"] = 100 * row["tflops"] / ceilings["matmul_tflops"]
         rows.append(row)
     first = rows[0].get("median_ms")
     for row in rows[1:]:
@@ -187,7 +190,7 @@ def markdown_table(op: str, meta: dict, ceilings: dict, cases: list[dict]) -> st
         f"# {op} on {meta['device']}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}.",
-        f"Measured ceilings: bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, "
+        f"Measured ceilings: {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.3g} TFLOP/s, "
         f"device copy {ceilings['copy_gbps']:.0f} GB/s.",
         "",
         "| case | contender | median ms | GB/s (min bytes) | % of copy | TFLOP/s (min FLOPs) | % of matmul "
