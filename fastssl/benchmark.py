@@ -50,13 +50,19 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
+def add_harness_arguments(parser: argparse.ArgumentParser, *, cpu_help: str, no_compile_help: str) -> None:
+    """The flags benchmarks/run_all.py passes to every benchmark (see :func:`results_dir`)."""
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results root (default benchmarks/results; smoke: a temporary directory)")
+    parser.add_argument("--no-compile", action="store_true", help=no_compile_help)
+    parser.add_argument("--cpu", action="store_true", help=cpu_help)
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")
-    parser.add_argument("--out", type=Path, default=None, help="results root (default benchmarks/results)")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders")
-    parser.add_argument("--cpu", action="store_true",
-                        help="real sizes on the CPU: the C++ kernels against the reference (no Triton)")
+    add_harness_arguments(parser, cpu_help="real sizes on the CPU: the C++ kernels against the reference (no Triton)",
+                          no_compile_help="skip torch.compile contenders")
     return parser.parse_args()
 
 

@@ -45,7 +45,7 @@ def random_rows(rows, n, device="cpu"):
 
 def separated_rows(rows, n):
     """Shuffled values at least 1/2 apart: no near-ties, so float32 rounding is not amplified
-    and the largest error is a stable statistic (for tests whose subject is not accuracy at ties)."""
+    (for tests whose subject is not accuracy at ties)."""
     return torch.stack([torch.randperm(n) + torch.rand(n) / 2 for _ in range(rows)]).float()
 
 

@@ -58,7 +58,7 @@ from typing import Callable, Optional
 import torch
 
 import fastssl
-from fastssl.benchmark import benchmark_device, metadata, plot, results_dir
+from fastssl.benchmark import add_harness_arguments, benchmark_device, metadata, plot, results_dir
 from fastssl.profiling import COMPONENTS, component_times_us
 from fastssl.train.config import TrainConfig, resolve_config
 
@@ -359,18 +359,15 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=[*RECIPES, "all"], default="all", help="a recipe, or all (default)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")
-    parser.add_argument("--cpu", action="store_true",
-                        help="accepted as the op scripts take it (benchmarks/run_all.py --cpu): skips this suite, "
-                             "since the trainers run fastssl's reference ops on the CPU")
+    add_harness_arguments(
+        parser,
+        cpu_help="accepted as the op scripts take it (benchmarks/run_all.py --cpu): skips this suite, "
+                 "since the trainers run fastssl's reference ops on the CPU",
+        no_compile_help="accepted as every benchmark script does (benchmarks/run_all.py); nothing is compiled")
     parser.add_argument("--steps", type=_integer_at_least(1), default=None,
                         help="timed steps (default 20; smoke 2)")
     parser.add_argument("--warmup", type=_integer_at_least(0), default=None,
                         help="steps before timing (default 5; smoke 1)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results root (default benchmarks/results; smoke: a temporary directory)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="accepted as every benchmark script does (benchmarks/run_all.py); nothing is compiled")
 
 
 def run(args: argparse.Namespace) -> Optional[Path]:
