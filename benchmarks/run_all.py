@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastssl.benchmark import replace_marked_section
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
@@ -52,17 +54,8 @@ def results_markdown() -> str:
     return "\n\n".join(sections) if sections else NO_RESULTS
 
 
-def update_readme(readme: Path = REPO / "README.md") -> bool:
-    """Replace the text between the results markers; True if the README changed."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} lacks the markers {BEGIN} ... {END}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    updated = f"{head}{BEGIN}\n{results_markdown()}\n{END}{tail}"
-    if updated != text:
-        readme.write_text(updated)
-    return updated != text
+def update_readme() -> bool:
+    return replace_marked_section(REPO / "README.md", BEGIN, END, results_markdown())
 
 
 def main() -> int:

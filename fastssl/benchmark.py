@@ -50,6 +50,20 @@ class Case:
     params: dict = field(default_factory=dict)
 
 
+def replace_marked_section(path: Path, begin: str, end: str, body: str) -> bool:
+    """Replace the text between the ``begin`` and ``end`` markers of a file (the README's
+    generated sections); True if the file changed."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    updated = f"{head}{begin}\n{body}\n{end}{tail}"
+    if updated != text:
+        path.write_text(updated)
+    return updated != text
+
+
 def add_harness_arguments(parser: argparse.ArgumentParser, *, cpu_help: str, no_compile_help: str) -> None:
     """The flags benchmarks/run_all.py passes to every benchmark (see :func:`results_dir`)."""
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; numbers are meaningless")

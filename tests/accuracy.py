@@ -2,9 +2,30 @@
 
 A kernel's error against the float64 reference may be at most ``factor`` (2) times the
 error of the plain-PyTorch reference computed in the same precision, plus a small atol.
+
+Every comparison made through this module is recorded in ``checks`` (the test harness clears
+it before each test and logs it with ``--accuracy-log``), so that tests/stress.py can show
+how close each bound comes to failing over many seeds.
 """
 
+from typing import NamedTuple
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+
+class Check(NamedTuple):
+    what: str
+    error: float
+    bound: float
+
+
+checks: list[Check] = []
+
+
+def record(what: str, error: float, bound: float) -> None:
+    checks.append(Check(what, float(error), float(bound)))
 
 
 def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
@@ -13,6 +34,89 @@ def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 def rms_error(value: torch.Tensor, exact: torch.Tensor) -> float:
     return (value.double() - exact.double()).square().mean().sqrt().item()
+
+
+# Operations whose float results are exact (moving, selecting or building values, not
+# rounding them): the simulated rounding leaves them alone.
+EXACT_OPERATIONS = frozenset("""
+    _to_copy _unsafe_view abs alias amax amin as_strided cat clamp clamp_max clamp_min clone constant_pad_nd
+    contiguous copy detach diagonal empty_like expand eye fill flip full_like gather index index_put
+    index_select lift_fresh masked_fill max maximum min minimum narrow neg new_empty
+    new_empty_strided new_ones new_zeros ones_like permute repeat reshape scatter select sign slice split
+    split_with_sizes squeeze stack t transpose unbind unsqueeze view where zero zeros_like
+""".split())
+
+
+class SimulatedRounding(TorchDispatchMode):
+    """Run float64 code as if in float32 with randomized rounding: the result of every
+    operation that rounds (arithmetic, reductions, matmuls, transcendentals; not views,
+    copies or selections) is multiplied by ``1 + delta``, delta uniform in [-u, u] with u =
+    2^-24, float32's unit roundoff (round-to-nearest errs by at most u relative). Each run is
+    one random rounding realization of the same algorithm, with the same amplification of
+    each rounding by the operations after it, the backward included when it runs inside."""
+
+    unit_roundoff = 2.0 ** -24
+    pool_size = 1 << 20  # factors drawn once per run and used in turn (drawing per operation costs more)
+
+    def __init__(self, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        uniform = torch.rand(self.pool_size, dtype=torch.float64, generator=generator)
+        self.factors = 1 + self.unit_roundoff * (2 * uniform - 1)
+        self.next = 0
+
+    def _factor(self, value):
+        count = value.numel()
+        if self.next + count > self.pool_size:
+            self.next = 0
+        factors = self.factors[self.next:self.next + count] if count <= self.pool_size else \
+            self.factors.repeat(-(-count // self.pool_size))[:count]
+        self.next += count
+        return factors.view(value.shape).to(value.device)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__.rstrip("_") in EXACT_OPERATIONS:
+            return out
+
+        def perturb(value):
+            if not (isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.numel()):
+                return value
+            if func._schema.is_mutable:  # an in-place operation: round its result in place
+                return value.mul_(self._factor(value))
+            return value * self._factor(value)
+
+        return tree_map(perturb, out)
+
+
+def simulated_float32_runs(fn, *float64_args, runs: int = 4) -> list:
+    """``fn(*float64_args)`` under ``runs`` independent :class:`SimulatedRounding` realizations
+    (deterministic: realization i uses seed i)."""
+    results = []
+    for run in range(runs):
+        with SimulatedRounding(seed=run):
+            results.append(fn(*float64_args))
+    return results
+
+
+def float32_baseline(fn, *tensors):
+    """``(baseline, exact)`` for ``fn(*tensors)`` (a tensor or a tuple of tensors): exact is its
+    float64 run; the baseline, per output, the worst of its float32 run and
+    :func:`simulated_float32_runs`."""
+    exact = fn(*(tensor.double() for tensor in tensors))
+    runs = [fn(*(tensor.float() for tensor in tensors)), *simulated_float32_runs(fn, *(t.double() for t in tensors))]
+    if isinstance(exact, torch.Tensor):
+        return worst(runs, exact), exact
+    return tuple(worst([run[index] for run in runs], value) for index, value in enumerate(exact)), exact
+
+
+def worst(candidates, exact, statistic=max_error):
+    """The float32 baseline of the accuracy rule where one float32 run of the reference is a
+    noisy yardstick (its error is one draw of the rounding, and near-cancellations or steep
+    comparators amplify single roundings): of several runs that round the same function in
+    different, equally valid ways (other plain-PyTorch implementations, and
+    :func:`simulated_float32_runs`), the one with the largest error."""
+    return max(candidates, key=lambda candidate: statistic(candidate, exact))
 
 
 def assert_accurate(actual, baseline, exact, *, atol: float = 1e-6, factor: float = 2.0, what: str = "",
@@ -27,6 +131,7 @@ def assert_accurate(actual, baseline, exact, *, atol: float = 1e-6, factor: floa
     assert torch.isfinite(actual).all(), f"{what}: non-finite values in the output"
     error = statistic(actual, exact)
     bound = factor * statistic(baseline, exact) + atol
+    record(what, error, bound)
     assert error <= bound, f"{what}: error {error:.3e} exceeds {factor} x baseline + atol = {bound:.3e}"
 
 
@@ -37,3 +142,31 @@ def output_rounding(exact: torch.Tensor, dtype: torch.dtype) -> float:
     fused kernel and a chain of PyTorch ops)."""
     eps = torch.finfo(dtype).eps + 4 * torch.finfo(torch.float32).eps
     return eps * exact.abs().max().item()
+
+
+# torch.testing.assert_close's defaults, by dtype (its documentation's table).
+DEFAULT_TOLERANCES = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+                      torch.float64: (1e-7, 1e-7)}
+
+
+def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, what: str = "",
+                 **kwargs):
+    """``torch.testing.assert_close`` (the same defaults) that also records the comparison,
+    with error ``max |actual - expected| / (atol + rtol |expected|)`` against a bound of 1.
+    ``what`` names it in the record and in the failure's message."""
+    if rtol is None and atol is None and isinstance(actual, torch.Tensor):
+        rtol, atol = DEFAULT_TOLERANCES.get(actual.dtype, (0.0, 0.0))
+    if (isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor) and actual.is_floating_point()
+            and actual.shape == expected.shape and actual.numel()):
+        record(what, tolerance_ratio(actual, expected, rtol, atol, kwargs.get("equal_nan", False)), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
+                               msg=(lambda message: f"{what}: {message}") if what else None, **kwargs)
+
+
+def tolerance_ratio(actual, expected, rtol, atol, equal_nan=False) -> float:
+    """The largest ``|actual - expected| / (atol + rtol |expected|)``: 0 where the two are equal
+    (infinities and, with ``equal_nan``, NaNs included), infinite where one is not finite."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    equal = (actual == expected) | (equal_nan & actual.isnan() & expected.isnan())
+    ratio = (actual - expected).abs() / (atol + rtol * expected.abs())
+    return torch.where(equal, 0.0, ratio.nan_to_num(nan=float("inf"))).max().item()

@@ -3,7 +3,14 @@
 - Without a CUDA device the Triton interpreter is enabled (before triton is imported), so
   the kernels run on the CPU.
 - ``@pytest.mark.gpu`` tests need CUDA and are skipped without it; ``pytest -m gpu`` runs them.
-- Every test gets a fresh random seed (printed on failure; set FASTSSL_TEST_SEED to replay).
+- Deterministic by default: every test seeds torch, numpy and ``random`` from a seed fixed by
+  its own node id, so every run on every machine draws the same inputs. ``--seeds N`` runs
+  each test with N seeds (``--first-seed`` shifts the range; seed index 0 is the default
+  run's), ``FASTSSL_TEST_SEED=random`` draws fresh seeds, ``FASTSSL_TEST_SEED=<int>`` replays
+  one; a failure prints its replay line. ``--accuracy-log FILE`` writes every test's accuracy
+  checks (error and bound of each, from tests/accuracy.py) as JSON lines for tests/stress.py.
+- Reductions split across threads round differently with another thread count, so the tests
+  run torch's and the native extension's OpenMP threads at the CI machine's count.
 
 The interpreter truncates float32 -> bfloat16 conversions (even with
 ``fp_downcast_rounding="rtne"``; seen with triton 3.8) where GPUs round to nearest even. So
@@ -11,41 +18,113 @@ kernels round to bfloat16 only when storing an output, which the tests allow one
 unit for (``accuracy.output_rounding``), and do arithmetic on float32 values.
 """
 
+import json
 import os
 import random
+import re
+import zlib
 
-import torch
+TEST_THREADS = 2  # the CI machine's cores
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)  # read by every OpenMP runtime at its first use
 
+import numpy  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import accuracy  # noqa: E402
 import pytest  # noqa: E402
+
+SEED_VARIABLE = "FASTSSL_TEST_SEED"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastssl seeds")
+    group.addoption("--seeds", type=int, default=1, metavar="N",
+                    help="run every test with N seeds: seed indices --first-seed .. --first-seed + N - 1")
+    group.addoption("--first-seed", type=int, default=0, metavar="I",
+                    help="first seed index (0, the default run's seed, unless given)")
+    group.addoption("--accuracy-log", metavar="FILE",
+                    help="append one JSON line per test: its seed, outcome and accuracy checks")
+    group.addoption("--tests-from", metavar="FILE",
+                    help="run only the tests whose ids (without the seed parameter) are lines of FILE")
+
+
+def pytest_configure(config):
+    if config.getoption("seeds") < 1 or config.getoption("first_seed") < 0:
+        raise pytest.UsageError("--seeds must be >= 1 and --first-seed >= 0")
+    # Inputs built at collection time (parametrize lists) are drawn from a fixed state too.
+    torch.manual_seed(0)
+
+
+def pytest_generate_tests(metafunc):
+    first, count = metafunc.config.getoption("first_seed"), metafunc.config.getoption("seeds")
+    if (first, count) != (0, 1):
+        metafunc.parametrize("seed", range(first, first + count), indirect=True, ids=lambda i: f"seed{i}")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    listed = config.getoption("tests_from")
+    if listed:
+        with open(listed) as file:
+            wanted = set(file.read().split("\n"))
+        config.hook.pytest_deselected(items=[item for item in items if base_nodeid(item.nodeid) not in wanted])
+        items[:] = [item for item in items if base_nodeid(item.nodeid) in wanted]
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def base_nodeid(nodeid: str) -> str:
+    """The node id without the ``seedI`` parameter that ``--seeds`` adds."""
+    head, bracket, params = nodeid.partition("[")
+    if not bracket:
+        return nodeid
+    kept = [part for part in params[:-1].split("-") if not re.fullmatch(r"seed\d+", part)]
+    return f"{head}[{'-'.join(kept)}]" if kept else head
+
+
+def seed_value(test: str, index: int) -> int:
+    chosen = os.environ.get(SEED_VARIABLE, "")
+    if chosen == "random":
+        return random.SystemRandom().randrange(2**31)
+    if chosen:
+        return int(chosen)
+    return zlib.crc32(f"{test}#{index}".encode()) & 0x7FFFFFFF
 
 
 @pytest.fixture(autouse=True)
 def seed(request):
-    value = int(os.environ.get("FASTSSL_TEST_SEED", random.randrange(2**31)))
+    index = getattr(request, "param", 0)
+    value = seed_value(base_nodeid(request.node.nodeid), index)
     torch.manual_seed(value)
-    request.node.user_properties.append(("seed", value))
+    numpy.random.seed(value)
+    random.seed(value)
+    accuracy.checks.clear()
+    request.node.user_properties += [("seed", value), ("seed_index", index)]
     return value
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
-    if report.when == "call" and report.failed:
-        for name, value in item.user_properties:
-            if name == "seed":
-                report.sections.append(("seed", f"replay with FASTSSL_TEST_SEED={value}"))
+    properties = dict(item.user_properties)
+    if "seed" not in properties or not (report.when == "call" or report.failed):
+        return
+    if report.failed:
+        report.sections.append(("seed", f"replay with {SEED_VARIABLE}={properties['seed']} "
+                                        f"pytest '{base_nodeid(item.nodeid)}'"))
+    log = item.config.getoption("accuracy_log")
+    if log:
+        line = dict(test=base_nodeid(item.nodeid), seed_index=properties["seed_index"], seed=properties["seed"],
+                    outcome=report.outcome, when=report.when, duration=report.duration,
+                    checks=[check._asdict() for check in accuracy.checks])
+        with open(log, "a") as file:
+            file.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture

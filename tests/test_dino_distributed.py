@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from accuracy import assert_close
 from distributed import run_distributed
 
 import fastssl
@@ -44,13 +45,13 @@ def test_two_ranks_equal_one_process(backend, async_center, tmp_path):
             loss = single(full, teacher, epoch)
         loss.backward()
         rank_losses = [p["steps"][epoch]["loss"] for p in parts]
-        torch.testing.assert_close(sum(rank_losses) / 2, loss.detach(), rtol=1e-5, atol=1e-5)
+        assert_close(sum(rank_losses) / 2, loss.detach(), rtol=1e-5, atol=1e-5)
         # DDP averages gradients over ranks: each rank's gradient of its local mean, / 2.
         grads = [p["steps"][epoch]["grad"] for p in parts]
         for crop in range(NCROPS):
             expected = full.grad.chunk(NCROPS)[crop]
             got = torch.cat([g.chunk(NCROPS)[crop] for g in grads]) / 2
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+            assert_close(got, expected, rtol=1e-4, atol=1e-7)
     single.apply_center_update()
     for p in parts:
-        torch.testing.assert_close(p["center"], single.center, rtol=1e-5, atol=1e-6)
+        assert_close(p["center"], single.center, rtol=1e-5, atol=1e-6)

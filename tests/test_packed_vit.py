@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from accuracy import assert_accurate
+from accuracy import assert_accurate, assert_close, worst
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
@@ -33,7 +33,7 @@ def test_pack_unpack_round_trip_and_mask():
     assert mask.q_seqinfo.seqstart_py == [0, 5, 10, 12, 14, 16]
     assert mask.cu_seqlens().dtype == torch.int32
     for got, expected in zip(unpack_crops(packed, mask), groups):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert_close(got, expected, rtol=0, atol=0)
     assert BlockDiagonalMask.from_seqlens([5, 5, 2, 2, 2]).groups == ((2, 5), (3, 2))
     assert [tuple(t.shape) for t in mask.split(packed[None])] == [(2, 5, 4), (3, 2, 4)]
 
@@ -103,18 +103,31 @@ def packed(vit, images):
     return PackedViT(vit)(images)
 
 
+def packed_on_the_reference_backend(vit, images):
+    with fastssl.use_backend("reference"):
+        return packed(vit, images)
+
+
 def test_packed_vit_equals_per_resolution_forward():
     vit = tiny_vit().eval()
     images = crops()
     got = features_and_grads(packed, vit, images)
-    baseline = features_and_grads(per_resolution, vit, images)
     exact = features_and_grads(per_resolution, copy.deepcopy(vit).double(), [x.double() for x in images])
-    for what, values, base, expected in [("features", got[0], baseline[0], exact[0]),
-                                         ("image gradients", got[1], baseline[1], exact[1])]:
-        for value, b, e in zip(values, base, expected):
-            assert value.shape == e.shape
-            assert_accurate(value, b, e, atol=ATOL * e.abs().max().item(), what=what)
-    assert_accurate(got[2], baseline[2], exact[2], atol=ATOL * exact[2].abs().max().item(), what="weight gradient")
+    # The float32 baseline: the worse of two plain-PyTorch runs, timm's per resolution and the
+    # packed one on the reference attention. Packing runs every linear layer and LayerNorm on
+    # one (tokens, C) matrix instead of (B, N, C) batches, which rounds in another order as
+    # validly; its error dominates (the weight gradient, formed by cancellation to 1e-3 of its
+    # terms, differs by up to 2.3x between the two PyTorch runs). The Triton path differs from
+    # the packed reference run in the attention alone.
+    baselines = [features_and_grads(per_resolution, vit, images),
+                 features_and_grads(packed_on_the_reference_backend, vit, images)]
+    for what, index in [("features", 0), ("image gradients", 1)]:
+        for crop, (value, expected) in enumerate(zip(got[index], exact[index])):
+            assert value.shape == expected.shape
+            base = worst([baseline[index][crop] for baseline in baselines], expected)
+            assert_accurate(value, base, expected, atol=ATOL * expected.abs().max().item(), what=what)
+    base = worst([baseline[2] for baseline in baselines], exact[2])
+    assert_accurate(got[2], base, exact[2], atol=ATOL * exact[2].abs().max().item(), what="weight gradient")
 
 
 def test_stochastic_depth_runs_the_branch_on_kept_images_only():
@@ -127,7 +140,7 @@ def test_stochastic_depth_runs_the_branch_on_kept_images_only():
         kept = max(int(b * 0.5), 1)
         changed = (got != before).flatten(1).any(1)
         assert int(changed.sum()) == kept  # b' images got the branch ...
-        torch.testing.assert_close(got[changed], before[changed] * (1 + 2 * b / kept))  # ... scaled by b / b'
+        assert_close(got[changed], before[changed] * (1 + 2 * b / kept))  # ... scaled by b / b'
     assert torch.equal(add_residual(x, mask, lambda t, m: 2 * t, drop_path, training=False), 3 * x)
 
 

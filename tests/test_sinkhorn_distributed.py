@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from accuracy import assert_close
 from distributed import run_distributed
 
 import fastssl
@@ -30,10 +31,10 @@ def test_sinkhorn_two_ranks_equal_one_process(backend, shape, tmp_path):
     parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     with fastssl.use_backend(backend):
         expected = sinkhorn_knopp(scores, eps=0.05, n_iters=3)
-    torch.testing.assert_close(torch.cat([p["q"] for p in parts], dim=-2), expected, rtol=1e-5, atol=1e-6)
+    assert_close(torch.cat([p["q"] for p in parts], dim=-2), expected, rtol=1e-5, atol=1e-6)
     if len(shape) == 2:  # and both equal SwAV's distributed original
         original = torch.cat([p["original"] for p in parts])
-        torch.testing.assert_close(expected.double(), original, rtol=1e-5, atol=1e-6)
+        assert_close(expected.double(), original, rtol=1e-5, atol=1e-6)
 
 
 def _swav_worker(rank, world_size, scores, out_dir):
@@ -54,7 +55,7 @@ def test_swav_loss_two_ranks_equal_one_process(tmp_path):
     loss.backward()
     # Each rank's loss is its local mean; DDP averages gradients over ranks, so the mean
     # of the rank losses and the sum of rank gradients / world_size give the global ones.
-    torch.testing.assert_close(sum(p["loss"] for p in parts) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    assert_close(sum(p["loss"] for p in parts) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
     for crop, full_crop in enumerate(full):
         grads = torch.cat([p["grads"][crop] for p in parts]) / 2
-        torch.testing.assert_close(grads, full_crop.grad, rtol=1e-5, atol=1e-7)
+        assert_close(grads, full_crop.grad, rtol=1e-5, atol=1e-7)

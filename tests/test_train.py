@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from accuracy import assert_close
 from distributed import run_distributed
 
 from fastssl.cli import main
@@ -54,7 +55,7 @@ def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
 def test_kernels_off_runs_the_original_ops_to_the_same_losses(method, tmp_path):
     on = train(tiny_config(method, tmp_path / "on", max_steps=2))
     off = train(tiny_config(method, tmp_path / "off", max_steps=2, kernels=False))
-    torch.testing.assert_close(torch.tensor(off.losses), torch.tensor(on.losses), rtol=1e-4, atol=1e-4)
+    assert_close(torch.tensor(off.losses), torch.tensor(on.losses), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -85,7 +86,7 @@ def test_gloo_two_processes_match_one_process_and_resume(fsdp, tmp_path):
     assert resumed == straight[2:]
     single = train(tiny_config("dino", tmp_path / "single", max_steps=3))
     # The same images (augmentations are seeded per sample), half a batch per process.
-    torch.testing.assert_close(torch.tensor(straight), torch.tensor(single.losses), rtol=1e-4, atol=1e-4)
+    assert_close(torch.tensor(straight), torch.tensor(single.losses), rtol=1e-4, atol=1e-4)
     assert len(load_checkpoint(str(tmp_path / "straight" / "dino" / "checkpoint.pt"))["per_process"]) == 2
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from accuracy import assert_accurate, output_rounding
+from accuracy import assert_accurate, assert_close, float32_baseline, output_rounding
 from conftest import kernel_devices
 
 import fastssl
@@ -118,8 +118,8 @@ def test_views_and_contiguous_copies_give_identical_results():
         from_views = varlen_attention(q, k, v, cu_seqlens, scale=0.3)
         from_copies = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, scale=0.3)
     assert torch.equal(from_views, from_copies)
-    expected = varlen_attention_reference(q.double(), k.double(), v.double(), cu_seqlens, scale=0.3)
-    torch.testing.assert_close(from_views.double(), expected, rtol=1e-5, atol=1e-6)
+    base, exact = float32_baseline(lambda *qkv: varlen_attention_reference(*qkv, cu_seqlens, scale=0.3), q, k, v)
+    assert_accurate(from_views, base, exact, atol=output_rounding(exact, torch.float32), what="attention")
 
 
 def test_empty_sequences_contribute_nothing():
@@ -128,7 +128,7 @@ def test_empty_sequences_contribute_nothing():
     with fastssl.use_backend("triton"):
         out = varlen_attention(q, k, v, cu_seqlens)
     expected = varlen_attention_reference(q, k, v, torch.tensor([0, 5, 9], dtype=torch.int32))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tile_schedule_follows_the_length_classes():
@@ -171,7 +171,7 @@ def test_reference_backend_and_float64():
     out = varlen_attention(q, k, v, cu_seqlens)  # the CPU default: the reference
     dense = torch.cat([torch.softmax(q[a:b].transpose(0, 1) @ k[a:b].permute(1, 2, 0) / math.sqrt(48), -1)
                        @ v[a:b].transpose(0, 1) for a, b in [(0, 5), (5, 12)]], dim=1).transpose(0, 1)
-    torch.testing.assert_close(out, dense)
+    assert_close(out, dense)
 
 
 @pytest.mark.parametrize("what,tensor,reason", [
@@ -246,4 +246,4 @@ def test_torch_compile_traces_without_graph_break():
         grad = qkv.grad.clone()
         qkv.grad = None
         step(qkv).backward()
-    torch.testing.assert_close(grad, qkv.grad)
+    assert_close(grad, qkv.grad)

@@ -1,0 +1,159 @@
+"""Run the accuracy tests over many seeds and tabulate how close each bound comes to failing.
+
+    python tests/stress.py --seeds 200                  # every accuracy test, seed indices 0..199
+    python tests/stress.py --seeds 50 tests/test_soft_sort.py -k gradient
+    python tests/stress.py --summarize .stress          # tabulate the logs of a run (also a partial one)
+    python tests/stress.py --readme                     # README's table from tests/stress.json
+
+An accuracy test is one that makes at least one comparison through tests/accuracy.py. Seed
+index 0 is the seed the default ``pytest`` run uses, so the first pass runs every selected
+test once and finds them; the other seeds run in ``--jobs`` pytest processes, each logging
+every test's checks (``--accuracy-log``). For each test the table gives the seeds run, the
+failures, and the worst and the median over seeds of the largest ``error / bound`` of its
+checks (a check fails above 1). ``--seeds 200`` over the whole suite takes hours on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from fastssl.benchmark import replace_marked_section
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SUMMARY = TESTS / "stress.json"
+TABLE = TESTS / "stress.md"
+BEGIN, END = "<!-- stress:begin -->", "<!-- stress:end -->"
+
+
+def update_readme(rows: list[dict]) -> bool:
+    return replace_marked_section(REPO / "README.md", BEGIN, END, file_table(rows))
+
+
+def pytest_command(selection: list[str], log: Path, *options: str) -> list[str]:
+    # Options as --name=value: pytest would take a bare path argument as a rootdir hint.
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={REPO}",
+            f"--accuracy-log={log}", *options, *selection]
+
+
+def run(selection: list[str], seeds: int, jobs: int, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.jsonl"):
+        stale.unlink()
+    print("== seed index 0: every selected test, to find the accuracy tests", flush=True)
+    subprocess.run(pytest_command(selection, out / "seed0.jsonl"), cwd=REPO)
+    accuracy_tests = sorted({line["test"] for line in read_logs(out) if line["checks"]})
+    (out / "accuracy_tests.txt").write_text("\n".join(accuracy_tests) + "\n")
+    print(f"== {len(accuracy_tests)} accuracy tests, seed indices 1..{seeds - 1} in {jobs} processes", flush=True)
+    bounds = [1 + (seeds - 1) * job // jobs for job in range(jobs + 1)]
+    processes = [subprocess.Popen(pytest_command(selection, out / f"shard{job}.jsonl",
+                                                 f"--tests-from={out / 'accuracy_tests.txt'}",
+                                                 f"--first-seed={first}", f"--seeds={last - first}"),
+                                  cwd=REPO, stdout=subprocess.DEVNULL)
+                 for job, (first, last) in enumerate(zip(bounds, bounds[1:])) if last > first]
+    for process in processes:
+        process.wait()
+
+
+def read_logs(out: Path) -> list[dict]:
+    lines = []
+    for log in sorted(out.glob("*.jsonl")):
+        lines += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return lines
+
+
+def worst_ratio(checks: list[dict]) -> tuple[float, str]:
+    """The largest error / bound of a test run's checks, and that check's name."""
+    ratios = [(check["error"] / check["bound"] if check["bound"] > 0 else (0.0 if check["error"] == 0
+                                                                            else float("inf")), check["what"])
+              for check in checks]
+    return max(ratios, default=(0.0, ""))
+
+
+def summarize(lines: list[dict]) -> list[dict]:
+    """One row per accuracy test: seeds, failures (with their seeds), worst and median ratio."""
+    runs = defaultdict(list)
+    for line in lines:
+        runs[line["test"]].append(line)
+    rows = []
+    for test, test_runs in sorted(runs.items()):
+        ratios = [(worst_ratio(run["checks"]), run["seed"]) for run in test_runs if run["checks"]]
+        failures = [run["seed"] for run in test_runs if run["outcome"] == "failed"]
+        if not ratios and not failures:
+            continue  # not an accuracy test
+        (worst, what), worst_seed = max(ratios, key=lambda item: item[0][0], default=((float("nan"), ""), None))
+        rows.append(dict(test=test, seeds=len(test_runs), failures=failures, worst=worst, worst_check=what,
+                         worst_seed=worst_seed,
+                         median=statistics.median(ratio for (ratio, _), _ in ratios) if ratios else float("nan")))
+    return rows
+
+
+def by_file(rows: list[dict]) -> list[dict]:
+    files = defaultdict(list)
+    for row in rows:
+        files[row["test"].split("::")[0]].append(row)
+    return [dict(file=name, tests=len(group), seeds=min(row["seeds"] for row in group),
+                 failures=sum(len(row["failures"]) for row in group),
+                 worst=max(group, key=lambda row: row["worst"]))
+            for name, group in sorted(files.items())]
+
+
+def file_table(rows: list[dict]) -> str:
+    lines = ["| test file | accuracy tests | seeds each | failures | worst error / bound | in |",
+             "|---|---:|---:|---:|---:|---|"]
+    for entry in by_file(rows):
+        worst = entry["worst"]
+        test = worst["test"].split("::", 1)[1]
+        lines.append(f"| `{entry['file']}` | {entry['tests']} | {entry['seeds']} | {entry['failures']} | "
+                     f"{worst['worst']:.2f} | `{test}` ({worst['worst_check'] or 'check'}) |")
+    return "\n".join(lines)
+
+
+def test_table(rows: list[dict]) -> str:
+    lines = ["| test | seeds | failures | worst error / bound | median | worst check (seed) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for row in sorted(rows, key=lambda row: -row["worst"]):
+        failures = f"{len(row['failures'])} ({', '.join(map(str, row['failures'][:3]))})" if row["failures"] else "0"
+        lines.append(f"| `{row['test']}` | {row['seeds']} | {failures} | {row['worst']:.3f} | {row['median']:.3f} | "
+                     f"{row['worst_check'] or 'check'} ({row['worst_seed']}) |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=200, help="seed indices 0..N-1 (default 200)")
+    parser.add_argument("--jobs", type=int, default=2, help="pytest processes for seeds 1..N-1 (default 2)")
+    parser.add_argument("--out", type=Path, default=REPO / ".stress", help="logs and summary (default .stress/)")
+    parser.add_argument("--summarize", type=Path, metavar="DIR", help="only tabulate the logs in DIR")
+    parser.add_argument("--save", action="store_true",
+                        help="also write tests/stress.{json,md} and the README's table (for a whole-suite run)")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the README's table from "
+                                                              "tests/stress.json")
+    args, selection = parser.parse_known_args()
+    if args.readme:
+        print("README.md updated" if update_readme(json.loads(SUMMARY.read_text())) else "README.md already current")
+        return 0
+    out = args.summarize or args.out
+    if not args.summarize:
+        run(selection, args.seeds, args.jobs, out)
+    rows = summarize(read_logs(out))
+    (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "summary.md").write_text(test_table(rows) + "\n")
+    print(file_table(rows))
+    if args.save:
+        SUMMARY.write_text(json.dumps(rows, indent=1) + "\n")
+        TABLE.write_text("# Accuracy bounds over many seeds (tests/stress.py)\n\n" + test_table(rows) + "\n")
+        update_readme(rows)
+    failures = sum(len(row["failures"]) for row in rows)
+    print(f"{len(rows)} accuracy tests, {failures} failed runs; per test: {out / 'summary.md'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
