@@ -1,6 +1,7 @@
 """Barlow Twins (and VICReg), forward + backward: fastssl vs the official loss under bf16
 autocast, eager and compiled, at (N, D) in {(256, 8192), (2048, 8192), (2048, 2048),
-(4096, 1024)}.
+(4096, 1024)}; where N < D also fastssl with the Gram products on cuBLAS (``matmul="cublas"``),
+which decides the Gram form's default matmul on a GPU.
 
 Minimal FLOPs: the cheaper formulation's matmuls, min(6 N^2 D, 6 N D^2) (Gram: the upper
 triangles of G1, G2 forward, G2 z1n and G1 z2n backward; cross-correlation: C forward, two
@@ -50,15 +51,15 @@ def make_cases(device, smoke, args):
             z1 = torch.randn(N, D, device=device).bfloat16().requires_grad_()
             z2 = (0.7 * z1.detach().float() + 0.5 * torch.randn(N, D, device=device)).bfloat16().requires_grad_()
 
-            def fastssl_loss(a, b, ours=ours):
+            def fastssl_loss(a, b, ours=ours, matmul="triton"):
                 with fastssl.use_backend("triton"):
-                    return ours(a, b)
+                    return ours(a, b, matmul=matmul)
 
-            contenders = [
-                Contender("fastssl (triton)",
-                          forward_backward(fastssl_loss, z1, z2)),
-                Contender("official (eager, autocast)", forward_backward(official_eager, z1, z2)),
-            ]
+            contenders = [Contender("fastssl (triton)", forward_backward(fastssl_loss, z1, z2))]
+            if N < D:  # the Gram form: its matmuls on cuBLAS instead of the fused kernel
+                contenders.append(Contender("fastssl (triton, cuBLAS Gram)", forward_backward(
+                    lambda a, b: fastssl_loss(a, b, matmul="cublas"), z1, z2)))
+            contenders.append(Contender("official (eager, autocast)", forward_backward(official_eager, z1, z2)))
             if official_compiled is not None:
                 contenders.append(Contender("official (torch.compile, autocast)",
                                             forward_backward(official_compiled, z1, z2)))

@@ -220,9 +220,32 @@ def gated_spills() -> list[str]:
             for b in c.binaries if b.spill_stores or b.spill_loads]
 
 
+def summary() -> str:
+    """Per kernel and dtype: configurations, the largest register count and spill counts per
+    target, and whether every sm_90 binary uses wgmma; recipes' 16-bit rows are gated."""
+    groups = {}
+    for c in configurations.values():
+        groups.setdefault((c.kernel, c.dtype, bool(c.recipes) and c.dtype != "fp32"), []).append(c)
+    lines = ["| kernel | dtype | gated | configurations | sm_80 max registers | sm_80 spills (st/ld) "
+             "| sm_90 max registers | sm_90 spills (st/ld) | sm_90 wgmma |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for (kernel, dtype, gated), group in sorted(groups.items()):
+        cells = []
+        for arch in (80, 90):
+            binaries = [b for c in group for b in c.binaries if b.arch == arch]
+            cells += [str(max(b.registers for b in binaries)),
+                      f"{sum(b.spill_stores for b in binaries)}/{sum(b.spill_loads for b in binaries)}"]
+        dots = [b.wgmma for c in group for b in c.binaries if b.arch == 90]
+        wgmma = "all" if all(dots) else "none" if not any(dots) else f"{sum(dots)} of {len(dots)}"
+        lines.append(f"| `{kernel}` | {dtype} | {'yes' if gated else 'no'} | {len(group)} | {' | '.join(cells)} "
+                     f"| {wgmma} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="print every binary's resources (markdown)")
+    parser.add_argument("--readme", action="store_true", help="write the per-kernel summary into README.md")
     args = parser.parse_args()
     JITFunction.run = compile_instead_of_launch
     run_launchers()
@@ -233,6 +256,11 @@ def main() -> int:
     print(f"largest shared memory: {max(binary.shared for binary in binaries)} bytes")
     if args.report:
         print(report())
+    if args.readme:
+        from fastssl.benchmark import replace_marked_section
+
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        replace_marked_section(readme, "<!-- kernel-resources:begin -->", "<!-- kernel-resources:end -->", summary())
     spills = gated_spills()
     for line in spills:
         print(f"SPILLS: {line}")

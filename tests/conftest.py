@@ -24,7 +24,8 @@ import random
 import re
 import zlib
 
-TEST_THREADS = 2  # the CI machine's cores
+# The CI machine's cores; tests/stress.py runs one pytest process per core with one thread each.
+TEST_THREADS = int(os.environ.get("FASTSSL_TEST_THREADS", "2"))
 os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)  # read by every OpenMP runtime at its first use
 
 import numpy  # noqa: E402

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,10 +53,12 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path) -> None:
     (out / "accuracy_tests.txt").write_text("\n".join(accuracy_tests) + "\n")
     print(f"== {len(accuracy_tests)} accuracy tests, seed indices 1..{seeds - 1} in {jobs} processes", flush=True)
     bounds = [1 + (seeds - 1) * job // jobs for job in range(jobs + 1)]
+    # One thread per process: more threads than cores make OpenMP's spinning workers crawl.
+    environment = {**os.environ, "FASTSSL_TEST_THREADS": "1"}
     processes = [subprocess.Popen(pytest_command(selection, out / f"shard{job}.jsonl",
                                                  f"--tests-from={out / 'accuracy_tests.txt'}",
                                                  f"--first-seed={first}", f"--seeds={last - first}"),
-                                  cwd=REPO, stdout=subprocess.DEVNULL)
+                                  cwd=REPO, stdout=subprocess.DEVNULL, env=environment)
                  for job, (first, last) in enumerate(zip(bounds, bounds[1:])) if last > first]
     for process in processes:
         process.wait()

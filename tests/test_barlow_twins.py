@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl
 from fastssl.nn import BarlowTwinsLoss, VICRegLoss
-from fastssl.ops import barlow_twins_loss
+from fastssl.ops import barlow_twins_loss, vicreg_loss
 from fastssl.reference.barlow_twins import barlow_twins_loss_original, vicreg_loss_original
 
 
@@ -144,6 +144,7 @@ def test_module_and_reference_backend():
         (torch.randn(8, 4).long(), torch.randn(8, 4), {}, TypeError, "z1 must be float"),
         (torch.randn(8, 4), torch.randn(8, 4), {"formulation": "dense"}, ValueError, "formulation must be"),
         (torch.randn(8, 4), torch.randn(8, 4), {"eps": 0.0}, ValueError, "eps must be a finite number > 0"),
+        (torch.randn(8, 4), torch.randn(8, 4), {"matmul": "cutlass"}, ValueError, "matmul must be one of"),
     ],
 )
 def test_bad_input(z1, z2, kwargs, error, message):
@@ -159,6 +160,25 @@ def test_non_finite_input_raises(loss_fn, backend, bad):
     z2[3, 7] = bad
     with fastssl.use_backend(backend), pytest.raises(ValueError, match=r"(z2|y) contains NaN or infinite values"):
         loss_fn(z1, z2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_fn,official", [(barlow_twins_loss, barlow_twins_loss_original),
+                                              (vicreg_loss, vicreg_loss_original)], ids=["barlow", "vicreg"])
+def test_cublas_gram_matmuls(loss_fn, official, dtype):
+    """matmul="cublas": the Gram form's products by torch matmuls with float32 output, the
+    rest on the kernels; the accuracy rule against the official loss, as the kernel path."""
+    z1, z2 = embeddings(16, 100, dtype)
+    with fastssl.use_backend("triton"):
+        got = loss_and_grads(lambda a, b: loss_fn(a, b, formulation="gram", matmul="cublas"), z1, z2)
+        kernel = loss_and_grads(lambda a, b: loss_fn(a, b, formulation="gram"), z1, z2)
+    base, exact = float32_baseline(functools.partial(loss_and_grads, official), z1, z2)
+    for index, what in enumerate(("loss", "gradient of z1", "gradient of z2")):
+        # 16-bit inputs: both paths multiply the same rounded operands exactly and accumulate
+        # in float32, so the kernel path's error is the yardstick (plus the gradients' rounding).
+        yardstick = base[index].to(dtype) if dtype == torch.float32 else kernel[index]
+        atol = output_rounding(exact[index], dtype if index else torch.float32)
+        assert_accurate(got[index], yardstick, exact[index], atol=atol, what=what)
 
 
 def _worker(rank, world, formulation, z1, z2, out_dir):

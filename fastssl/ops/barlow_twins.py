@@ -21,12 +21,16 @@ Triton kernels do the forward and the elementwise backward; the backward's two m
   writes 8 N D. The matmuls take z1n, z2n cast to the inputs' dtype (tensor cores, like
   the official loss under autocast); the diagonal and the backward use the float32 values.
 - ``_gram_pair_kernel``: 64 x 64 tiles of G1 and G2 at once (two accumulators, K tiles of
-  64 bf16 / 32 fp32), written out for the backward, with <G1, G2>_F summed per tile in the
+  32, 8 warps), written out for the backward, with <G1, G2>_F summed per tile in the
   epilogue. In one process G is symmetric, so only tiles on or above the diagonal are
   computed (and stored twice): 2 N^2 D FLOPs for both Gram matrices instead of 4 N^2 D.
-- ``_cross_correlation_kernel``: 128 x 128 tiles of C = z1n.T z2n / N, reducing the squared
-  off-diagonal entries in the epilogue (no second pass over C); 2 N D^2 FLOPs. C is kept
-  for the backward (N >= D, so it is no larger than the inputs).
+  ``matmul="cublas"`` computes G1 and G2 with torch matmuls instead (all tiles, 4 N^2 D
+  FLOPs, on cuBLAS's tuned GEMMs); which is faster is a GPU measurement
+  (benchmarks/bench_barlow_twins.py).
+- ``_cross_correlation_kernel``: tiles of C = z1n.T z2n / N (128 x 128 in float32, 64 x 64
+  for 16-bit inputs), reducing the squared off-diagonal entries in the epilogue (no second
+  pass over C); 2 N D^2 FLOPs. C is kept for the backward (N >= D, so it is no larger than
+  the inputs).
 - ``_standardize_backward_kernel``: forms dzn = alpha * gram_term + other * d / N on the fly
   and applies the standardization's backward,
   dz = rstd * (dzn - mean_b(dzn) - zn * mean_b(dzn * zn)); the two means come from the
@@ -55,7 +59,13 @@ from fastssl.ops.triton_math import mma
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
 BLOCK_N, BLOCK_D = 32, 128  # standardization kernels
-GRAM_BLOCK, CROSS_BLOCK = 64, 128  # matmul kernels: square output tiles
+# The matmul kernels' tiles: (square output tile, K tile, warps), chosen so that no 16-bit
+# configuration spills registers on sm_80 or sm_90 (tests/compile_kernels.py checks it). The
+# Gram kernel keeps two accumulators (G1, G2) and a transposed store: 8 warps, K tiles of 32.
+# The cross-correlation's reduction epilogue spills a 128 x 128 tile on sm_90 with 8 warps
+# and on sm_80 with 16, so 16-bit inputs take 64 x 64 tiles.
+GRAM_TILES = (64, 32, 8)
+CROSS_TILES = {torch.float32: (128, 32, 8), "16-bit": (64, 64, 4)}
 
 
 @triton.jit
@@ -222,37 +232,67 @@ def _row_splits(N: int, D: int, device: torch.device):
 
 def _matmul_options(operand: torch.Tensor) -> dict:
     """float32 operands multiply in full float32 ("ieee"; no TF32, as torch's default
-    matmul), bfloat16/float16 ones on tensor cores; K tiles sized for 3 pipeline stages."""
-    full = operand.dtype == torch.float32
-    return dict(INPUT_PRECISION="ieee" if full else "tf32", UPCAST=triton_interpreter_enabled(),
-                BLOCK_K=32 if full else 64, num_stages=3)
+    matmul), bfloat16/float16 ones on tensor cores."""
+    return dict(INPUT_PRECISION="ieee" if operand.dtype == torch.float32 else "tf32",
+                UPCAST=triton_interpreter_enabled(), num_stages=3)
 
 
-def gram_pair(a1, b1, a2=None, b2=None, symmetric=False):
-    """G1 = a1 b1.T, G2 = a2 b2.T (float32 (M, N)) and <G1, G2>_F, in one kernel; without
-    a2, b2 only G1 and ||G1||_F^2. ``symmetric``: a1 is b1 and a2 is b2 (one process)."""
+MATMULS = ("triton", "cublas")
+
+
+def check_matmul(matmul) -> str:
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {', '.join(MATMULS)}, got {matmul!r}")
+    return matmul
+
+
+def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
+    """G1 = a1 b1.T, G2 = a2 b2.T (float32 (M, N)) and <G1, G2>_F; without a2, b2 only G1
+    and ||G1||_F^2. ``symmetric``: a1 is b1 and a2 is b2 (one process).
+
+    ``matmul="triton"``: one kernel computes both products and the Frobenius product in its
+    epilogue (and, symmetric, only the tiles on or above the diagonal). ``"cublas"``: two
+    torch matmuls with float32 output, then the product: cuBLAS's tuned GEMMs, at the cost
+    of reading G1 and G2 once more."""
+    if matmul == "cublas":
+        g1 = _float32_gram(a1, b1)
+        g2 = None if a2 is None else _float32_gram(a2, b2)
+        return g1, g2, (g1 * (g1 if g2 is None else g2)).sum()
     M, N = a1.shape[0], b1.shape[0]
-    grid = (triton.cdiv(M, GRAM_BLOCK), triton.cdiv(N, GRAM_BLOCK))
+    block, block_k, warps = GRAM_TILES
+    grid = (triton.cdiv(M, block), triton.cdiv(N, block))
     g1 = torch.empty((M, N), dtype=torch.float32, device=a1.device)
     g2 = None if a2 is None else torch.empty_like(g1)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a1.device)
     _gram_pair_kernel[grid](
         a1, b1, a1 if a2 is None else a2, b1 if b2 is None else b2, g1, g1 if g2 is None else g2, partial,
-        M, N, a1.shape[1], SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=GRAM_BLOCK, num_warps=4,
-        **_matmul_options(a1),
+        M, N, a1.shape[1], SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=block, BLOCK_K=block_k,
+        num_warps=warps, **_matmul_options(a1),
     )
     return g1, g2, partial.sum()
+
+
+def _float32_gram(a, b):
+    """a b.T in float32: 16-bit operands multiply on tensor cores with float32 accumulation
+    and output (torch.mm's out_dtype on CUDA; exact float32 copies elsewhere, which give the
+    same exact products)."""
+    if a.dtype == torch.float32:
+        return a @ b.t()
+    if a.is_cuda:
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    return a.float() @ b.float().t()
 
 
 def cross_correlation(a, b, scale, reduce):
     """C = scale * a.T b (float32 (D, D)) and, with ``reduce``, the sum of its squared
     off-diagonal entries from the kernel's epilogue (else None)."""
     D = a.shape[1]
-    grid = (triton.cdiv(D, CROSS_BLOCK), triton.cdiv(D, CROSS_BLOCK))
+    block, block_k, warps = CROSS_TILES[torch.float32 if a.dtype == torch.float32 else "16-bit"]
+    grid = (triton.cdiv(D, block), triton.cdiv(D, block))
     c = torch.empty((D, D), dtype=torch.float32, device=a.device)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-    _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=CROSS_BLOCK,
-                                    num_warps=8, **_matmul_options(a))
+    _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=block,
+                                    BLOCK_K=block_k, num_warps=warps, **_matmul_options(a))
     return c, partial.sum() if reduce else None
 
 
@@ -323,7 +363,7 @@ def standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, w
 
 class _BarlowTwins(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1, z2, lambd, eps, group, gram_form):
+    def forward(ctx, z1, z2, lambd, eps, group, gram_form, matmul):
         world = 1 if group is None else dist.get_world_size(group)
         n_global = z1.shape[0] * world
         (mean1, var1), (mean2, var2) = global_mean_var(z1, group, n_global), global_mean_var(z2, group, n_global)
@@ -340,7 +380,8 @@ class _BarlowTwins(torch.autograd.Function):
             if mm1.dtype != torch.float32 or mm2.dtype != torch.float32:
                 mm_diag = all_reduce((mm1.float() * mm2.float()).sum(0), group) / n_global
             all1, all2 = gather_rows(mm1, group), gather_rows(mm2, group)
-            g1_rows, g2_rows, frobenius = gram_pair(mm1, all1, mm2, all2, symmetric=group is None)  # this rank's rows
+            g1_rows, g2_rows, frobenius = gram_pair(mm1, all1, mm2, all2, symmetric=group is None,
+                                                    matmul=matmul)  # this rank's rows
             off_diagonal = all_reduce(frobenius, group) / n_global**2 - mm_diag.square().sum()
             saved = (g1_rows, g2_rows, all1, all2)
         else:
@@ -379,7 +420,7 @@ class _BarlowTwins(torch.autograd.Function):
                                     group, dtype1)
         dz2 = standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha, n_global, grad_loss, world,
                                     group, dtype2)
-        return dz1, dz2, None, None, None, None
+        return dz1, dz2, None, None, None, None, None
 
 
 def check_view_pair(z1, z2, group, formulation, names=("z1", "z2")):
@@ -403,7 +444,7 @@ def check_view_pair(z1, z2, group, formulation, names=("z1", "z2")):
 
 def barlow_twins_loss(
     z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, eps: float = 1e-5,
-    group: ProcessGroup = None, formulation: str = "auto",
+    group: ProcessGroup = None, formulation: str = "auto", matmul: str = "triton",
 ) -> torch.Tensor:
     """The Barlow Twins loss of two (N, D) embedding batches (facebookresearch/barlowtwins).
 
@@ -415,10 +456,13 @@ def barlow_twins_loss(
             torch.distributed is initialized); standardization and C use the global batch.
         formulation: "gram" (N x N Gram matrices, no D x D buffer), "cross" (the D x D
             cross-correlation), or "auto": "gram" when N_global < D.
+        matmul: the Gram form's forward matmuls on the triton backend: "triton" (one kernel
+            with the Frobenius product in its epilogue) or "cublas" (torch matmuls).
     Returns:
         The scalar float32 loss, the same on every rank.
     """
     group, _, gram_form = check_view_pair(z1, z2, group, formulation)
+    check_matmul(matmul)
     lambd = float(lambd)
     eps = check_positive_float("eps", eps)
     backend = select_backend("barlow_twins_loss", z1.device, {
@@ -429,4 +473,4 @@ def barlow_twins_loss(
         raise_if_not_finite(z1=z1.sum(0), z2=z2.sum(0))
         return barlow_twins_loss_original(z1.float() if z1.dtype != torch.float64 else z1,
                                           z2.float() if z2.dtype != torch.float64 else z2, lambd, eps)
-    return _BarlowTwins.apply(z1.contiguous(), z2.contiguous(), lambd, eps, group, gram_form)
+    return _BarlowTwins.apply(z1.contiguous(), z2.contiguous(), lambd, eps, group, gram_form, matmul)

@@ -39,6 +39,7 @@ from fastssl.backend import select_backend
 from fastssl.distributed import ProcessGroup
 from fastssl.ops.barlow_twins import (
     all_reduce,
+    check_matmul,
     check_view_pair,
     cross_correlation,
     gather_rows,
@@ -54,7 +55,7 @@ VARIANCE_EPS = 1e-4  # inside the official sqrt(var + 1e-4)
 
 
 def _covariance_penalty(xc: torch.Tensor, var: torch.Tensor, dtype: torch.dtype, group: ProcessGroup,
-                        n_global: int, gram_form: bool):
+                        n_global: int, gram_form: bool, matmul: str):
     """sum_{i != j} cov_ij^2 of one centered view, and what its backward needs.
 
     The matmul operands are Xc in the input dtype; the variance removed from ||G||_F^2
@@ -65,7 +66,7 @@ def _covariance_penalty(xc: torch.Tensor, var: torch.Tensor, dtype: torch.dtype,
         if operand.dtype != torch.float32:
             mm_var = all_reduce(operand.float().square().sum(0), group) / (n_global - 1)
         rows = gather_rows(operand, group)
-        gram, _, frobenius = gram_pair(operand, rows, symmetric=group is None)  # this rank's rows of G
+        gram, _, frobenius = gram_pair(operand, rows, symmetric=group is None, matmul=matmul)  # this rank's rows
         penalty = all_reduce(frobenius, group) / (n_global - 1) ** 2 - mm_var.square().sum()
         return penalty, mm_var, (gram, rows)
     cov, penalty = cross_correlation(operand, operand, 1.0 / (n_global - 1), reduce=group is None)
@@ -77,7 +78,7 @@ def _covariance_penalty(xc: torch.Tensor, var: torch.Tensor, dtype: torch.dtype,
 
 class _VICReg(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, sim_coeff, std_coeff, cov_coeff, group, gram_form):
+    def forward(ctx, x, y, sim_coeff, std_coeff, cov_coeff, group, gram_form, matmul):
         world = 1 if group is None else dist.get_world_size(group)
         n_global, D = x.shape[0] * world, x.shape[1]
         (mean_x, var_x), (mean_y, var_y) = global_mean_var(x, group, n_global), global_mean_var(y, group, n_global)
@@ -88,8 +89,8 @@ class _VICReg(torch.autograd.Function):
         var_x, var_y = var_x * unbiased, var_y * unbiased
         std_x, std_y = torch.sqrt(var_x + VARIANCE_EPS), torch.sqrt(var_y + VARIANCE_EPS)
         std_term = (F.relu(1 - std_x).mean() + F.relu(1 - std_y).mean()) / 2
-        penalty_x, mm_var_x, saved_x = _covariance_penalty(xc, var_x, x.dtype, group, n_global, gram_form)
-        penalty_y, mm_var_y, saved_y = _covariance_penalty(yc, var_y, y.dtype, group, n_global, gram_form)
+        penalty_x, mm_var_x, saved_x = _covariance_penalty(xc, var_x, x.dtype, group, n_global, gram_form, matmul)
+        penalty_y, mm_var_y, saved_y = _covariance_penalty(yc, var_y, y.dtype, group, n_global, gram_form, matmul)
         repr_loss = F.mse_loss(x.float(), y.float())
         loss = sim_coeff * repr_loss + std_coeff * std_term + cov_coeff * (penalty_x + penalty_y) / D
 
@@ -118,7 +119,8 @@ class _VICReg(torch.autograd.Function):
                                               n_global, grad_loss, world, group, torch.float32))
         # The invariance term is this rank's own: no world-size scaling.
         invariance = (x.float() - y.float()) * (grad_loss * (2 * sim_coeff / x.numel()))
-        return (grads[0] + invariance).to(x.dtype), (grads[1] - invariance).to(y.dtype), None, None, None, None, None
+        no_grads = (None,) * 6  # coefficients, group, formulation, matmul
+        return (grads[0] + invariance).to(x.dtype), (grads[1] - invariance).to(y.dtype), *no_grads
 
 
 def _vicreg_reference(x, y, sim_coeff, std_coeff, cov_coeff, group, gram_form):
@@ -148,7 +150,7 @@ def _vicreg_reference(x, y, sim_coeff, std_coeff, cov_coeff, group, gram_form):
 
 def vicreg_loss(
     x: torch.Tensor, y: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-    cov_coeff: float = 1.0, group: ProcessGroup = None, formulation: str = "auto",
+    cov_coeff: float = 1.0, group: ProcessGroup = None, formulation: str = "auto", matmul: str = "triton",
 ) -> torch.Tensor:
     """The VICReg loss of two (N_local, D) embedding batches.
 
@@ -156,10 +158,12 @@ def vicreg_loss(
     the mean hinge ``relu(1 - sqrt(var + 1e-4))`` over both views ``/ 2 + cov_coeff *`` the
     squared off-diagonal covariances ``/ D`` of both views, variance and covariance over
     the global batch (unbiased). ``formulation``: "gram", "cross" or "auto" (Gram when
-    N_global < D). Any float dtype (matmuls in it, statistics and reductions in float32).
+    N_global < D); ``matmul``: the Gram form's matmuls, as in :func:`barlow_twins_loss`. Any
+    float dtype (matmuls in it, statistics and reductions in float32).
     Returns a float32 scalar (float64 for float64 input).
     """
     group, _, gram_form = check_view_pair(x, y, group, formulation, names=("x", "y"))
+    check_matmul(matmul)
     coefficients = float(sim_coeff), float(std_coeff), float(cov_coeff)
     backend = select_backend("vicreg_loss", x.device, {
         "triton": lambda: kernel_dtype_reason(x, y),
@@ -167,4 +171,4 @@ def vicreg_loss(
     })
     if backend == "reference":
         return _vicreg_reference(x, y, *coefficients, group, gram_form)
-    return _VICReg.apply(x.contiguous(), y.contiguous(), *coefficients, group, gram_form)
+    return _VICReg.apply(x.contiguous(), y.contiguous(), *coefficients, group, gram_form, matmul)
