@@ -29,6 +29,9 @@ RECIPES = [
     ("Time-Tuning 25088x200 x10", (25088, 200), 0.05, 10, torch.float32),
     ("DoRA 64x196x3 x30", (64, 196, 3), 0.05, 30, torch.float32),
 ]
+# The README's goals, at these cases: % of copy bandwidth, times faster than the original.
+GOAL_CASES = ("DINOv2 ViT-S/B 128x65536", "Time-Tuning 25088x200 x10")
+COPY_GOAL_PCT, SPEEDUP_GOALS = 80.0, {"original (eager)": 5.0, "original (torch.compile)": 2.0}
 
 
 def smoke_shape(shape):
@@ -64,6 +67,7 @@ def make_cases(device, smoke, args):
             name, contenders,
             min_bytes=sinkhorn_knopp_bytes(shape, dtype, n_iters),
             params={"shape": list(shape), "eps": eps, "n_iters": n_iters, "dtype": str(dtype)},
+            **(dict(copy_goal_pct=COPY_GOAL_PCT, speedup_goals=SPEEDUP_GOALS) if name in GOAL_CASES else {}),
         ))
     return cases
 

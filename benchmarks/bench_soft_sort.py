@@ -74,7 +74,8 @@ def sort_case(device, args, rows, n, name):
     return Case(name, contenders, min_bytes=soft_sort_module.soft_sort_bytes(rows, n, torch.float32),
                 min_flops=soft_sort_module.soft_sort_flops(rows, "bitonic", n),
                 params={"rows": rows, "n": n, "network": "bitonic", "distribution": "cauchy",
-                        "steepness": STEEPNESS})
+                        "steepness": STEEPNESS},
+                speedup_goals={"diffsort (eager)": 100.0}, memory_goals={"diffsort (eager)": 20.0})
 
 
 def neco_case(device, args, rows):
@@ -115,11 +116,12 @@ def neco_case(device, args, rows):
                                 step(unfused(fastssl_sort(backends[0])))))
     flops = 2 * soft_sort_module.soft_sort_flops(rows, "bitonic", NECO_N)
     return Case(f"NeCo loss {rows} x {NECO_N} bitonic cauchy s=100", contenders,
-                min_bytes=3 * rows * NECO_N * 4, min_flops=flops, params={"rows": rows, "n": NECO_N})
+                min_bytes=3 * rows * NECO_N * 4, min_flops=flops, params={"rows": rows, "n": NECO_N},
+                speedup_goals={"diffsort + cross-entropy (eager)": 200.0})
 
 
 def make_cases(device, smoke, args):
-    neco_rows = 8 if smoke else NECO_ROWS
+    neco_rows = 2 if smoke else NECO_ROWS
     cases = [sort_case(device, args, neco_rows, NECO_N, f"NeCo sort {neco_rows} x {NECO_N} bitonic cauchy s=100")]
     for n in SIZES[:2] if smoke else [] if args.cpu else SIZES:
         rows = 4 if smoke else SIZE_ROWS

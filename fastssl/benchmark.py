@@ -38,16 +38,25 @@ class Contender:
     fn: Callable[[], object]
 
 
+BEST_OTHER = "the fastest other contender"
+
+
 @dataclass
 class Case:
-    """One input shape: its contenders (the first is the one the ratios are about), and the
-    bytes and FLOPs the op must move and do at minimum."""
+    """One input shape: its contenders (the first is the one the ratios are about), the
+    bytes and FLOPs the op must move and do at minimum, and the README's goals for it:
+    ``speedup_goals`` {contender (or BEST_OTHER): times faster the first must be},
+    ``memory_goals`` {contender: times less peak memory}, ``copy_goal_pct`` (% of the
+    measured copy bandwidth the first must reach)."""
 
     name: str
     contenders: list[Contender]
     min_bytes: int = 0
     min_flops: int = 0
     params: dict = field(default_factory=dict)
+    speedup_goals: dict = field(default_factory=dict)
+    memory_goals: dict = field(default_factory=dict)
+    copy_goal_pct: Optional[float] = None
 
 
 def replace_marked_section(path: Path, begin: str, end: str, body: str) -> bool:
@@ -81,9 +90,10 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def kernel_backends(device: torch.device, smoke: bool) -> list[str]:
-    """The kernel backends an op with native kernels is timed on: Triton and CUDA on a GPU,
-    C++ on the CPU (plus the Triton interpreter in smoke runs, to keep its launch path alive)."""
-    if device.type == "cuda":
+    """The kernel backends an op with native kernels is timed on: Triton and CUDA on a GPU
+    (or on the meta device, which stands for one when a GPU run is planned without it), C++
+    on the CPU (plus the Triton interpreter in smoke runs, to keep its launch path alive)."""
+    if device.type in ("cuda", "meta"):
         return ["triton", "cuda"]
     return ["triton", "cpp"] if smoke else ["cpp"]
 
@@ -96,15 +106,15 @@ def benchmark_device(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda")
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds per call after warm-up."""
+def time_ms(fn: Callable[[], object], device: torch.device, cpu_samples: int = 3) -> float:
+    """Median milliseconds per call after warm-up (on the CPU, of ``cpu_samples`` calls)."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()
     samples = []
-    for _ in range(3):
+    for _ in range(cpu_samples):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -144,12 +154,13 @@ def measure_ceilings(device: torch.device, smoke: bool) -> dict:
     }
 
 
-def run_case(case: Case, device: torch.device, ceilings: dict) -> dict:
+def run_case(case: Case, device: torch.device, ceilings: dict, smoke: bool = False) -> dict:
+    """Time every contender (smoke: one sample each, the numbers mean nothing)."""
     rows = []
     for contender in case.contenders:
         try:
             contender.fn()  # compile, autotune, catch failures before timing
-            ms = time_ms(contender.fn, device)
+            ms = time_ms(contender.fn, device, cpu_samples=1 if smoke else 3)
             memory = peak_memory_bytes(contender.fn, device)
         except Exception as error:  # a contender that cannot run is reported, not fatal
             rows.append({"contender": contender.name, "error": f"{type(error).__name__}: {error}"[:300]})
@@ -166,8 +177,37 @@ def run_case(case: Case, device: torch.device, ceilings: dict) -> dict:
     for row in rows[1:]:
         if first and "median_ms" in row:
             row["speedup_of_first"] = row["median_ms"] / first
-    return {"case": case.name, "params": case.params, "min_bytes": case.min_bytes,
-            "min_flops": case.min_flops, "results": rows}
+    result = {"case": case.name, "params": case.params, "min_bytes": case.min_bytes,
+              "min_flops": case.min_flops, "results": rows}
+    return {**result, "goals": goal_outcomes(case, rows)}
+
+
+def goal_outcomes(case: Case, rows: list[dict]) -> list[dict]:
+    """Each of the case's goals: its kind ("speed", "memory", "bandwidth"), the contender it
+    is against, target, measured value and whether it was met (None when a contender it
+    needs did not run)."""
+    first, by_name = rows[0], {row["contender"]: row for row in rows}
+    timed = [row for row in rows[1:] if "median_ms" in row]
+    outcomes = []
+    for name, target in case.speedup_goals.items():
+        other = min(timed, key=lambda row: row["median_ms"], default=None) if name == BEST_OTHER else by_name.get(name)
+        value = other["median_ms"] / first["median_ms"] if other and "median_ms" in other and "median_ms" in first \
+            else None
+        against = other["contender"] if other else name
+        text = f"{target:g}x faster than " + (f"{name} ({against})" if name == BEST_OTHER else name)
+        outcomes.append(dict(kind="speed", against=against, goal=text, target=target, value=value))
+    for name, target in case.memory_goals.items():
+        other = by_name.get(name, {})
+        value = other["peak_memory_bytes"] / first["peak_memory_bytes"] \
+            if other.get("peak_memory_bytes") and first.get("peak_memory_bytes") else None
+        outcomes.append(dict(kind="memory", against=name, goal=f"{target:g}x less peak memory than {name}",
+                             target=target, value=value))
+    if case.copy_goal_pct is not None:
+        outcomes.append(dict(kind="bandwidth", against=None, goal=f"{case.copy_goal_pct:g}% of copy bandwidth",
+                             target=case.copy_goal_pct, value=first.get("pct_copy_ceiling")))
+    for outcome in outcomes:
+        outcome["met"] = None if outcome["value"] is None else outcome["value"] >= outcome["target"]
+    return outcomes
 
 
 def metadata(device: torch.device) -> dict:
@@ -231,30 +271,65 @@ def markdown_table(op: str, meta: dict, ceilings: dict, cases: list[dict]) -> st
                 f"| {case['case']} | {row['contender']} | {row['median_ms']:.4f} | {gbps} | {pct} | "
                 f"{tflops} | {pct_matmul} | {_format_bytes(row['peak_memory_bytes'])} | {speedup} |"
             )
-    return "\n".join(lines) + "\n"
+    goals = goals_markdown(cases)
+    return "\n".join(lines) + "\n" + (f"\n{goals}\n" if goals else "")
+
+
+def goals_markdown(cases: list[dict]) -> str:
+    """One row per goal of the README measured in ``cases``: target, measured, met."""
+    lines = ["| case | goal | measured | met |", "|---|---|---|---|"]
+    for case in cases:
+        for goal in case.get("goals", []):
+            unit = "%" if goal["kind"] == "bandwidth" else "x"
+            value = "not measured" if goal["value"] is None else f"{goal['value']:.3g}{unit}"
+            met = "-" if goal["met"] is None else "yes" if goal["met"] else "**no**"
+            lines.append(f"| {case['case']} | {goal['goal']} | {value} | {met} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(op: str, cases: list[dict], path: Path) -> None:
+    """Per case and contender, how many times faster the first contender is (left) and how
+    many times less peak memory it takes (right, where measured), on log axes from parity
+    (1x; green: the first is ahead, red: behind), the goals as black ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["contender"] for row in cases[0]["results"]]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
-    for i, name in enumerate(names):
-        times = []
-        for case in cases:
-            row = next((r for r in case["results"] if r["contender"] == name), {})
-            times.append(row.get("median_ms", math.nan))
-        ax.bar([c + i * width for c in range(len(cases))], times, width, label=name)
-    ax.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
-    ax.set_xticklabels([case["case"] for case in cases], rotation=20, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("median time (ms, log scale)")
-    ax.set_title(op)
-    ax.legend(fontsize=8)
+    rows = []  # (label, speed-up, memory ratio, speed goal, memory goal)
+    for case in cases:
+        first = case["results"][0]
+        goals = {(g["kind"], g["against"]): g["target"] for g in case.get("goals", [])}
+        for row in case["results"][1:]:
+            name = row["contender"]
+            speedup = row["median_ms"] / first["median_ms"] if "median_ms" in row and "median_ms" in first else None
+            memory = (row["peak_memory_bytes"] / first["peak_memory_bytes"]
+                      if row.get("peak_memory_bytes") and first.get("peak_memory_bytes") else None)
+            rows.append((f"{case['case']}\n{first['contender']} vs {name}", speedup, memory,
+                         goals.get(("speed", name)), goals.get(("memory", name))))
+    if not rows:
+        return
+    panels = [(1, "times faster")] + ([(2, "times less peak memory")] if any(row[2] for row in rows) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 3, 0.42 * len(rows) + 1.5), squeeze=False)
+    positions = list(range(len(rows)))[::-1]
+    for axis, (index, title) in zip(axes[0], panels):
+        values = [row[index] or math.nan for row in rows]
+        axis.barh(positions, [abs(value - 1) for value in values], left=[min(value, 1) for value in values],
+                  color=["tab:green" if value >= 1 else "tab:red" for value in values], height=0.7)
+        for position, row, value in zip(positions, rows, values):
+            if row[index + 2]:
+                axis.plot([row[index + 2]] * 2, [position - 0.45, position + 0.45], color="black", linewidth=2)
+            axis.annotate("not run" if math.isnan(value) else f"{value:.3g}x", (1 if math.isnan(value) else value,
+                          position), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        axis.set_xscale("log")
+        known = [1] + [value for value in values if not math.isnan(value)] + [row[index + 2] for row in rows
+                                                                              if row[index + 2]]
+        axis.set_xlim(min(known) / 1.5, max(known) * 3)  # room for the labels right of the bars
+        axis.axvline(1, color="grey", linewidth=0.8)
+        axis.set_yticks(positions)
+        axis.set_yticklabels([row[0] for row in rows] if index == 1 else [], fontsize=7)
+        axis.set_xlabel(f"{title} (black: goal)", fontsize=8)
+    fig.suptitle(op)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -269,7 +344,7 @@ def run_benchmark(op: str, args: argparse.Namespace,
     ceilings = measure_ceilings(device, args.smoke)
     cases = []
     for case in make_cases(device, args.smoke, args):
-        cases.append(run_case(case, device, ceilings))
+        cases.append(run_case(case, device, ceilings, args.smoke))
         print("\n".join(markdown_table(op, meta, ceilings, cases[-1:]).splitlines()[-len(case.contenders):]))
     out = results_dir(args, meta)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Command line: ``fastssl info``, ``fastssl train`` and ``fastssl bench e2e``."""
+"""Command line: ``fastssl info``, ``fastssl train``, ``fastssl bench e2e`` and ``fastssl bench gpu-session``."""
 
 from __future__ import annotations
 
@@ -113,6 +113,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     suites = parser.add_subparsers(dest="suite", required=True)
     summary = "the training step of each published recipe, kernels on and off, and the GPU-hours saved"
     bench_e2e.add_arguments(suites.add_parser("e2e", help=summary, description=summary))
+    suites.add_parser("gpu-session", add_help=False,
+                      help="the one budgeted command for a GPU window (benchmarks/gpu_session.py; "
+                           "its options, --help included, follow)")
+
+
+def run_gpu_session(argv: list[str]) -> int:
+    """benchmarks/gpu_session.py of the repository this package is installed from (editable)."""
+    import importlib.util
+
+    from fastssl.benchmark import REPO_ROOT
+
+    path = REPO_ROOT / "benchmarks" / "gpu_session.py"
+    if not path.exists():
+        raise SystemExit(f"fastssl bench gpu-session runs {path}, which this install lacks: install fastssl "
+                         "from a clone of its repository (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("gpu_session", path)
+    module = sys.modules["gpu_session"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(commands.add_parser(
         "train", help="train DINO, SwAV, Barlow Twins or NeCo (torchrun for several processes)"))
     add_bench_arguments(commands.add_parser(
-        "bench", help="the end-to-end benchmark (every benchmark at once: python benchmarks/run_all.py)"))
-    args = parser.parse_args(argv)
+        "bench", help="the end-to-end benchmark, or the GPU session (every benchmark at once: "
+                      "python benchmarks/run_all.py)"))
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench" and args.suite == "gpu-session":
+        return run_gpu_session(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "info":
         print(info())
     elif args.command == "train":

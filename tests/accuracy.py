@@ -8,6 +8,7 @@ it before each test and logs it with ``--accuracy-log``), so that tests/stress.p
 how close each bound comes to failing over many seeds.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -47,40 +48,74 @@ EXACT_OPERATIONS = frozenset("""
 """.split())
 
 
+# Reductions by the index of the operand they sum over and the terms per output, for the
+# simulated accumulation error below.
+def _inner_dimension(operand_index: int):
+    return lambda args, kwargs: (operand_index, args[operand_index].shape[-1])
+
+
+def _reduced_count(args, kwargs):
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return 0, args[0].numel()
+    dims = [dims] if isinstance(dims, int) else dims
+    return 0, math.prod(args[0].shape[dim] for dim in dims)
+
+
+REDUCTIONS = {"mm": _inner_dimension(0), "bmm": _inner_dimension(0), "addmm": _inner_dimension(1),
+              "baddbmm": _inner_dimension(1), "dot": _inner_dimension(0), "mv": _inner_dimension(0),
+              "sum": _reduced_count, "mean": _reduced_count}
+
+
 class SimulatedRounding(TorchDispatchMode):
-    """Run float64 code as if in float32 with randomized rounding: the result of every
+    """Run float64 code as if in float32 with randomized rounding. The result of every
     operation that rounds (arithmetic, reductions, matmuls, transcendentals; not views,
     copies or selections) is multiplied by ``1 + delta``, delta uniform in [-u, u] with u =
-    2^-24, float32's unit roundoff (round-to-nearest errs by at most u relative). Each run is
-    one random rounding realization of the same algorithm, with the same amplification of
-    each rounding by the operations after it, the backward included when it runs inside."""
+    2^-24, float32's unit roundoff (round-to-nearest errs by at most u relative). A sum of k
+    terms also accumulates rounding: each term carries about sqrt(k) u of it (a random walk
+    over the partial sums), so before a reduction (sum, mean, matmuls) the summed operand's
+    elements are multiplied by ``1 + sqrt(k) delta`` (an error relative to the terms, not to
+    their sum, as cancellation needs). Each run is one random rounding realization of the
+    same algorithm, with the same amplification of each rounding by the operations after it,
+    the backward included when it runs inside."""
 
     unit_roundoff = 2.0 ** -24
-    pool_size = 1 << 20  # factors drawn once per run and used in turn (drawing per operation costs more)
+    pool_size = 1 << 20  # deltas drawn once per run and used in turn (drawing per operation costs more)
 
     def __init__(self, seed: int):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        uniform = torch.rand(self.pool_size, dtype=torch.float64, generator=generator)
-        self.factors = 1 + self.unit_roundoff * (2 * uniform - 1)
+        self.deltas = self.unit_roundoff * (2 * torch.rand(self.pool_size, dtype=torch.float64, generator=generator)
+                                            - 1)
         self.next = 0
 
-    def _factor(self, value):
+    def _factor(self, value, scale: float = 1.0):
         count = value.numel()
         if self.next + count > self.pool_size:
             self.next = 0
-        factors = self.factors[self.next:self.next + count] if count <= self.pool_size else \
-            self.factors.repeat(-(-count // self.pool_size))[:count]
+        deltas = self.deltas[self.next:self.next + count] if count <= self.pool_size else \
+            self.deltas.repeat(-(-count // self.pool_size))[:count]
         self.next += count
-        return factors.view(value.shape).to(value.device)
+        return 1 + scale * deltas.view(value.shape).to(value.device)
+
+    @staticmethod
+    def _rounds(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.numel() > 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__.rstrip("_") in EXACT_OPERATIONS:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in REDUCTIONS and self._rounds(args[0]):
+            index, terms = REDUCTIONS[name](args, kwargs)
+            if terms > 1:
+                args = list(args)
+                args[index] = args[index] * self._factor(args[index], math.sqrt(terms))
+        out = func(*args, **kwargs)
+        if name in EXACT_OPERATIONS:
             return out
 
         def perturb(value):
-            if not (isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.numel()):
+            if not self._rounds(value):
                 return value
             if func._schema.is_mutable:  # an in-place operation: round its result in place
                 return value.mul_(self._factor(value))
