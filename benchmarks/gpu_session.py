@@ -435,15 +435,10 @@ def _goal_table(records: list[dict]) -> str:
 
 def summary_plot(records: list[dict], path: Path) -> None:
     from fastssl.benchmark import plot
+    from fastssl.train.bench_e2e import plot_cases
 
-    cases = [r["result"] for r in records if r["status"] == "done" and "results" in r.get("result", {})]
-    e2e = [r["result"] for r in records if r["status"] == "done" and "speedup" in r.get("result", {})]
-    cases += [{"case": f"e2e {result['recipe']}", "results": [
-        {"contender": "fastssl step", "median_ms": result["fastssl"]["step_ms"],
-         "peak_memory_bytes": result["fastssl"].get("peak_memory_bytes")},
-        {"contender": "reference step", "median_ms": result["reference"]["step_ms"],
-         "peak_memory_bytes": result["reference"].get("peak_memory_bytes")}],
-        "goals": [{"kind": "speed", "against": "reference step", "target": result["goal"]}]} for result in e2e]
+    done = [record["result"] for record in records if record["status"] == "done"]
+    cases = [result for result in done if "results" in result] + plot_cases([r for r in done if "speedup" in r])
     if cases:
         plot("GPU session: fastssl against each contender", cases, path)
 
