@@ -249,7 +249,8 @@ class IBOTPatchLoss(_TeacherTargets, nn.Module):
 
 class KoLeoLoss(nn.Module):
     """DINOv2's KoLeo regularizer: ``-mean_i log(||x_i - x_nn(i)|| + eps)`` on l2-normalized
-    rows, in float32, per process. ``forward(student_output (B, D), eps=1e-8)``."""
+    rows, in float32 (float64 for float64 rows), per process. ``forward(student_output (B, D),
+    eps=1e-8)``."""
 
     def forward(self, student_output: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         check_float_tensor("student_output", student_output, min_dim=2)

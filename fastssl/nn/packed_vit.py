@@ -14,7 +14,7 @@ by b / b' (an unbiased estimate of the branch at a fraction of its cost).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -100,9 +100,11 @@ class PackedViT(nn.Module):
     interpolate in ``prepare_tokens`` / ``prepare_tokens_with_masks``). Its weights are
     used as they are; nothing is copied.
 
-    ``forward(crops)``: a list of image batches (b_i, 3, H_i, W_i); returns the final
-    normalized tokens per group, [(b_i, n_i, C)] in order (CLS at index 0, then registers,
-    then patches), equal to ``vit.forward_features`` run per group.
+    ``forward(crops, masks=None)``: a list of image batches (b_i, 3, H_i, W_i) and, for a
+    DINOv2 ViT, optional per-group (b_i, patches_i) bool masks (the masked patches take the
+    mask token, as in ``prepare_tokens_with_masks``); returns the final normalized tokens
+    per group, [(b_i, n_i, C)] in order (CLS at index 0, then registers, then patches), equal
+    to ``vit.forward_features`` run per group.
     """
 
     def __init__(self, vit: nn.Module):
@@ -112,18 +114,28 @@ class PackedViT(nn.Module):
                              "several resolutions")
         self.vit = vit
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) -> (b, n, C) tokens entering the first block."""
+    def embed(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(b, 3, H, W) -> (b, n, C) tokens entering the first block; ``masks`` (b, patches)
+        bool replaces those patch embeddings with the ViT's mask token (DINOv2 / iBOT)."""
         vit = self.vit
         if hasattr(vit, "prepare_tokens_with_masks"):  # DINOv2
-            return vit.prepare_tokens_with_masks(images)
+            return vit.prepare_tokens_with_masks(images, masks)
+        if masks is not None:
+            raise ValueError("masks need a ViT with DINOv2's prepare_tokens_with_masks (a mask token); "
+                             f"{type(vit).__name__} has none")
         if hasattr(vit, "prepare_tokens"):  # DINO
             return vit.prepare_tokens(images)
         tokens = vit._pos_embed(vit.patch_embed(images))  # timm
         return vit.norm_pre(vit.patch_drop(tokens))
 
-    def forward(self, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        x, mask = pack_crops([self.embed(images) for images in crops])
+    def forward(self, crops: Sequence[torch.Tensor],
+                masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
+        """``crops``: [(b_i, 3, H_i, W_i)]; ``masks``: None, or per group None or a (b_i,
+        patches_i) bool tensor of the patches to mask (iBOT's student crops)."""
+        masks = [None] * len(crops) if masks is None else list(masks)
+        if len(masks) != len(crops):
+            raise ValueError(f"masks must hold one entry per crop group ({len(crops)}), got {len(masks)}")
+        x, mask = pack_crops([self.embed(images, group_masks) for images, group_masks in zip(crops, masks)])
         for block in _flat_blocks(self.vit.blocks):
             x = packed_block_forward(block, x, mask)
         return unpack_crops(self.vit.norm(x), mask)

@@ -377,9 +377,9 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- functional API
 
 
-def dino_pair_weights(n_teacher: int, n_student: int, device=None) -> torch.Tensor:
+def dino_pair_weights(n_teacher: int, n_student: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """DINO's pairing: teacher crop i with every student crop v != i, averaged over pairs."""
-    pairs = torch.ones(n_teacher, n_student, device=device)
+    pairs = torch.ones(n_teacher, n_student, device=device, dtype=dtype)
     pairs[torch.arange(min(n_teacher, n_student)), torch.arange(min(n_teacher, n_student))] = 0
     return pairs / pairs.sum()
 
@@ -433,7 +433,9 @@ class DINOInputs(NamedTuple):
 def prepare_dino_inputs(student, teacher, n_student_crops, n_teacher_crops, student_temp, teacher_temp,
                         center, pair_weights, sample_weights, require_teacher_temp=False) -> DINOInputs:
     """Check the arguments of the DINO cross-entropy ops (raising before any kernel runs)
-    and fill in the defaults: DINO's pair weights, uniform 1 / B sample weights."""
+    and fill in the defaults: DINO's pair weights, uniform 1 / B sample weights. Center and
+    weights are float32 (the kernels' precision), float64 for float64 student rows (which run
+    on the reference backend, the float64 oracle)."""
     n_student = check_positive_int("n_student_crops", n_student_crops)
     n_teacher = check_positive_int("n_teacher_crops", n_teacher_crops)
     student_temp = check_positive_float("student_temp", student_temp)
@@ -443,16 +445,17 @@ def prepare_dino_inputs(student, teacher, n_student_crops, n_teacher_crops, stud
         raise ValueError("center applies to teacher logits: give teacher_temp, or no center")
     check_float_tensor("student", student, min_dim=2)
     device = student.device
+    precision = torch.float64 if student.dtype == torch.float64 else torch.float32
     if pair_weights is None:
-        pair_weights = dino_pair_weights(n_teacher, n_student, device)
+        pair_weights = dino_pair_weights(n_teacher, n_student, device, precision)
     if sample_weights is None:
         B = student.shape[0] // n_student
-        sample_weights = torch.full((B,), 1.0 / max(B, 1), device=device)
+        sample_weights = torch.full((B,), 1.0 / max(B, 1), device=device, dtype=precision)
     _check_inputs(student, teacher, center, n_student, n_teacher, pair_weights, sample_weights)
     return DINOInputs(
         n_student, n_teacher, student_temp, teacher_temp,
-        None if center is None else center.detach().float().reshape(-1).contiguous(),
-        pair_weights.float().contiguous(), sample_weights.detach().float().contiguous(),
+        None if center is None else center.detach().to(precision).reshape(-1).contiguous(),
+        pair_weights.to(precision).contiguous(), sample_weights.detach().to(precision).contiguous(),
     )
 
 

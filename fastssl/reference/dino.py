@@ -77,8 +77,10 @@ def ibot_patch_loss_original(student_masked, teacher_probs_masked, masks, studen
 
 
 def koleo_loss_original(student_output, eps=1e-8):
-    """DINOv2 ``KoLeoLoss.forward``: -mean log distance to the nearest neighbour, float32."""
-    x = F.normalize(student_output.float(), eps=eps, p=2, dim=-1)
+    """DINOv2 ``KoLeoLoss.forward``: -mean log distance to the nearest neighbour, in float32
+    (float64 for float64 rows)."""
+    x = F.normalize(student_output.to(torch.promote_types(student_output.dtype, torch.float32)), eps=eps, p=2,
+                    dim=-1)
     dots = torch.mm(x, x.t())
     n = x.shape[0]
     dots.view(-1)[:: (n + 1)].fill_(-1)
