@@ -18,6 +18,8 @@ from fastssl.train.checkpoint import atomic_save, load_checkpoint
 from fastssl.train.config import validate
 from fastssl.train.data import ShapesDataset, rank_batches
 from fastssl.train.knn import weighted_knn_predict
+from fastssl.train.method import collapse_statistics
+from fastssl.train.monitor import CollapseWatch
 from fastssl.train.neco import box_in_crop, box_intersection
 
 TINY = dict(image_size=16, global_crop_size=16, local_crop_size=8, local_crops=2, train_images_per_class=4,
@@ -156,3 +158,50 @@ def test_checkpoints_are_written_atomically(tmp_path):
     atomic_save({"step": 1}, path)
     atomic_save({"step": 2}, path)
     assert load_checkpoint(path) == {"step": 2} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
+    config = tiny_config("dino", tmp_path, max_steps=2, checkpoint_every=1)
+    train(config)
+    checkpoint = tmp_path / "dino" / "checkpoint.pt"
+    assert load_checkpoint(str(checkpoint))["step"] == 2
+    assert load_checkpoint(str(tmp_path / "dino" / "checkpoint.previous.pt"))["step"] == 1
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a copy cut short
+    resumed = train(tiny_config("dino", tmp_path, max_steps=3, checkpoint_every=1))
+    err = capsys.readouterr().err
+    assert resumed.first_step == 1 and f"skipped the damaged checkpoint {checkpoint}" in err
+    previous = tmp_path / "dino" / "checkpoint.previous.pt"
+    previous.write_bytes(b"not a checkpoint")
+    (tmp_path / "dino" / "checkpoint.pt").write_bytes(b"nor this")
+    with pytest.raises(ValueError, match="no readable checkpoint to resume from .*--resume off"):
+        train(tiny_config("dino", tmp_path, max_steps=4))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("lr", -1.0, "--lr must be > 0, got -1.0"), ("epochs", 0, "--epochs must be >= 1"),
+    ("teacher_temp", 0.0, "--teacher-temp must be > 0"), ("momentum_teacher", 1.5, "--momentum-teacher must be >= 0"),
+    ("drop_path", -0.1, "--drop-path must be >= 0 and <= 1"), ("workers", -1, "--workers must be >= 0"),
+    ("local_crop_scale", (0.5, 0.1), "--local-crop-scale must be two fractions"),
+])
+def test_numeric_options_out_of_range_are_one_line_errors(option, value, message, capsys):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        resolve_config("dino", "tiny", **{option: value})
+    flag = f"--{option.replace('_', '-')}"
+    arguments = [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    assert main(["train", "dino", "--preset", "tiny", *arguments]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_collapse_watch_warns_after_a_whole_collapsed_epoch():
+    uniform = {"output_entropy": 0.99, "batch_entropy": 0.99}
+    one_entry = {"output_entropy": 0.0, "batch_entropy": 0.0}
+    healthy = {"output_entropy": 0.2, "batch_entropy": 0.8}
+    watch = CollapseWatch(steps_per_epoch=2)
+    assert watch.update(0, uniform) is None and watch.update(0, healthy) is None
+    assert watch.update(1, uniform) is None and watch.update(1, uniform) is None  # epoch 0 was not collapsed
+    assert "epoch 1: the targets were uniform" in watch.update(2, one_entry)
+    assert watch.update(2, one_entry) is None and "epoch 2: every image got the same target" in watch.finish()
+    distribution = torch.full((4, 8), 1 / 8)
+    assert collapse_statistics(distribution) == pytest.approx({"output_entropy": 1.0, "batch_entropy": 1.0})
+    assert collapse_statistics(torch.eye(8)[[3, 3, 3]]) == pytest.approx({"output_entropy": 0.0,
+                                                                          "batch_entropy": 0.0}, abs=1e-6)

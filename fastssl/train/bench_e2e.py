@@ -260,14 +260,12 @@ def gpu_hours(schedule: Schedule, reference_ms: float, fastssl_ms: float) -> dic
 
 
 def run_recipe(name: str, device: torch.device, smoke: bool, counts: Counts) -> dict:
-    from fastssl.train.loop import default_backend
-
     recipe = RECIPES[name]
     config = recipe_config(recipe, smoke)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     paths, batch = {}, None
-    with fastssl.use_backend(default_backend(config, device)):
+    with fastssl.use_backend(config.backend):
         for path, kernels in (("reference", False), ("fastssl", True)):
             method = build_on(config, kernels, device)
             batch = sample_batch(method, config, device) if batch is None else batch

@@ -1,8 +1,10 @@
-"""Checkpoints: atomic writes and everything an exact resume needs.
+"""Checkpoints: atomic writes, the last two kept, and everything an exact resume needs.
 
 A checkpoint holds the networks (student, teacher), the loss state (DINO's center, SwAV's
 queue, NeCo's reference queue), the optimizer, the step (schedules and data order are
 functions of it), and the RNG states of torch, CUDA, Python and NumPy of every process.
+Saving moves the previous checkpoint aside (``checkpoint.previous.pt``), so a file damaged
+later (a full disk, a copy cut short) still leaves one to resume from.
 """
 
 from __future__ import annotations
@@ -52,8 +54,41 @@ def atomic_save(payload: dict, path: str) -> None:
     os.replace(temporary, path)
 
 
+def previous_path(path: str) -> str:
+    root, extension = os.path.splitext(path)
+    return f"{root}.previous{extension}"
+
+
+def save_keeping_previous(payload: dict, path: str) -> None:
+    """Move the checkpoint at ``path`` aside as its previous one, then write ``payload``."""
+    if os.path.isfile(path):
+        os.replace(path, previous_path(path))
+    atomic_save(payload, path)
+
+
 def load_checkpoint(path: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
     # Our own file: it holds RNG states (tuples, numpy arrays), which weights_only rejects.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_newest_readable(path: str) -> tuple[Optional[dict], Optional[str], list[str]]:
+    """(checkpoint, the file it came from, why newer files were skipped) among ``path`` and
+    its previous one; (None, None, []) when neither exists. Raises ValueError naming each
+    file and its fault when checkpoints exist but none can be read."""
+    skipped = []
+    for candidate in (path, previous_path(path)):
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            checkpoint = load_checkpoint(candidate)
+            if not isinstance(checkpoint, dict) or "step" not in checkpoint:
+                raise ValueError("it is not a fastssl checkpoint")
+            return checkpoint, candidate, skipped
+        except Exception as error:  # a damaged file: say which and why, try the older one
+            skipped.append(f"{candidate}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    if skipped:
+        raise ValueError("no readable checkpoint to resume from (" + "; ".join(skipped)
+                         + "); remove the damaged files or pass --resume off")
+    return None, None, []

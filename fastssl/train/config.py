@@ -77,7 +77,8 @@ class TrainConfig:
     kernels: bool = field(default=True, metadata={
         "help": "on: fastssl modules and the packed ViT forward; off: the original ops (the benchmark baseline)"})
     backend: Optional[str] = field(default=None, metadata={
-        "help": "force a fastssl backend (default: the device's default on CUDA, reference on the CPU)"})
+        "help": "force a fastssl backend (default: each op's default for the device: triton or cuda on "
+                "a GPU, cpp where an op has C++ kernels on the CPU, else reference)"})
     device: Optional[str] = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     fsdp: bool = field(default=False, metadata={"help": "shard the student and teacher with FSDP2 (fully_shard)"})
@@ -146,6 +147,42 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Each numeric option's valid range: (lowest, highest), None for no limit, and whether the
+# lowest value itself is allowed. validate() names the option and the range in one line.
+NUMERIC_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
+    **{name: (1, None, True) for name in (
+        "image_size", "train_images_per_class", "test_images_per_class", "threads", "global_crop_size",
+        "local_crop_size", "depth", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "epochs", "max_steps",
+        "batch_size", "log_every", "knn_k")},
+    **{name: (0, None, True) for name in (
+        "workers", "local_crops", "intensity_jitter", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
+        "clip_grad", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs", "swav_queue_length",
+        "swav_epoch_queue_starts", "swav_freeze_prototypes_steps", "barlow_lambda", "neco_queue_size",
+        "neco_backbone_lr", "checkpoint_every", "knn_every_epochs")},
+    **{name: (0, None, False) for name in (
+        "lr", "teacher_temp", "warmup_teacher_temp", "swav_epsilon", "neco_steepness", "knn_temperature")},
+    "hue": (0, 0.5, True), "invert_probability": (0, 1, True), "drop_path": (0, 1, True),
+    "momentum_teacher": (0, 1, True), "neco_aligned_side": (2, None, True),
+}
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for name, (lowest, highest, lowest_allowed) in NUMERIC_RANGES.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        too_low = lowest is not None and (value < lowest or (value == lowest and not lowest_allowed))
+        if too_low or (highest is not None and value > highest):
+            low = "" if lowest is None else f"{'>=' if lowest_allowed else '>'} {lowest}"
+            high = "" if highest is None else f"<= {highest}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {' and '.join(filter(None, (low, high)))}, "
+                             f"got {value}")
+    for name in ("global_crop_scale", "local_crop_scale"):
+        low, high = getattr(config, name)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be two fractions 0 < min <= max <= 1, got {low} {high}")
+
+
 def resolve_config(method: str, preset: Optional[str] = None, **overrides: Any) -> TrainConfig:
     """The config of ``method``: its defaults, then ``preset``, then ``overrides``; validated."""
     if method not in METHODS:
@@ -167,6 +204,7 @@ def resolve_config(method: str, preset: Optional[str] = None, **overrides: Any) 
 
 def validate(config: TrainConfig, world_size: int = 1) -> None:
     """Raise ValueError with a clear message for configurations that cannot train."""
+    _check_ranges(config)
     if config.is_vit:
         if not VIT_ARCH.match(config.arch):
             raise ValueError(f"unknown ViT arch {config.arch!r}; expected "
@@ -186,15 +224,9 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
                          "process needs at least one image")
     if config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world_size} processes")
-    if config.method == "dino" and config.batch_size // world_size < 1:
-        raise ValueError("DINO needs at least one image per process")
     if config.method in ("swav", "barlow") and config.batch_size // world_size < 2:
         raise ValueError(f"{config.method} normalizes over the batch: use at least 2 images per process")
     if config.optimizer not in ("adamw", "lars", "sgd"):
         raise ValueError(f"unknown optimizer {config.optimizer!r}; expected adamw, lars or sgd")
-    if config.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {config.epochs}")
     if config.method == "barlow" and config.local_crops:
         raise ValueError("Barlow Twins uses two crops: set --local-crops 0")
-    if config.method in ("swav",) and config.local_crops < 0:
-        raise ValueError("--local-crops must be >= 0")

@@ -10,7 +10,7 @@ from fastssl.nn import DINOHead, DINOLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.dino import DINOLossOriginal
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import Method
+from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method
 from fastssl.train.models import MultiCropBackbone, build_backbone, crop_groups, make_teacher, unwrap
 
 
@@ -43,9 +43,16 @@ class DINO(Method):
         student_logits = student(crops)
         with torch.no_grad():
             teacher_logits = self.teacher(crops[:2])
+        self._teacher_sample = teacher_logits[:COLLAPSE_SAMPLE_ROWS].detach()
         # The loss in float32: softmax over 65536 prototypes in bf16 loses the sharpened targets.
         with record_function(LOSS):
             return self.loss_module(student_logits.float(), teacher_logits.float(), epoch)
+
+    @torch.no_grad()
+    def output_distribution(self, epoch):
+        """The teacher's targets: softmax((logits - center) / teacher temperature)."""
+        temperature = float(self.loss_module.teacher_temp_schedule[epoch])
+        return torch.softmax((self._teacher_sample.float() - self.loss_module.center) / temperature, dim=-1)
 
     def after_backward(self, epoch, step):
         # DINO keeps the prototypes fixed during the first epoch(s): it stabilizes training.

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import fastssl
-from fastssl.train.checkpoint import all_rng_states, atomic_save, load_checkpoint, set_rng_state
+from fastssl.train.checkpoint import all_rng_states, load_newest_readable, save_keeping_previous, set_rng_state
 from fastssl.train.config import TrainConfig, validate
 from fastssl.train.data import (
     SeededViews,
@@ -30,8 +30,8 @@ from fastssl.train.data import (
     seed_python_and_numpy,
 )
 from fastssl.train.knn import knn_accuracy
-from fastssl.train.method import Method, build_method
-from fastssl.train.monitor import MetricLog, ProgressBar
+from fastssl.train.method import Method, build_method, collapse_statistics
+from fastssl.train.monitor import CollapseWatch, MetricLog, ProgressBar
 from fastssl.train.optim import Schedules, apply_schedules, build_optimizer
 from fastssl.train.runtime import (
     Runtime,
@@ -64,18 +64,10 @@ def train(config: TrainConfig) -> TrainResult:
     runtime = start_runtime(config)
     try:
         validate(config, runtime.world_size)
-        with fastssl.use_backend(default_backend(config, runtime.device)):
+        with fastssl.use_backend(config.backend):  # None: each op's default for the device
             return _Trainer(config, runtime).run()
     finally:
         stop_runtime(runtime)
-
-
-def default_backend(config: TrainConfig, device: torch.device):
-    """The fastssl backend: as requested, else the device's default on CUDA; on the CPU the
-    reference ops (the Triton kernels only run there in the slow interpreter, for tests)."""
-    if config.backend is not None:
-        return config.backend
-    return None if device.type == "cuda" else "reference"
 
 
 def step_autocast(config: TrainConfig, device: torch.device):
@@ -135,6 +127,7 @@ class _Trainer:
         self.schedules = Schedules(config, self.steps_per_epoch)
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
         self.log = MetricLog(config.output_dir, runtime.is_main)
+        self.collapse = CollapseWatch(self.steps_per_epoch)
         self.autocast = step_autocast(config, self.device)
 
     def _datasets(self):
@@ -164,6 +157,7 @@ class _Trainer:
             step_start = time.perf_counter()
             for batch in epoch_loader(views, batches, config.workers, self.method.collate):
                 loss, values = self._step(to_device(batch, self.device), epoch, step)
+                self._watch_collapse(epoch, values)
                 result.losses.append(loss)
                 speed = config.batch_size / (time.perf_counter() - step_start)
                 step += 1
@@ -177,6 +171,7 @@ class _Trainer:
                     (step // self.steps_per_epoch) % config.knn_every_epochs == 0 and step < last_step:
                 self._evaluate(step, result)
         progress.close()
+        self._warn(self.collapse.finish())
         result.seconds = time.perf_counter() - start
         if step > first_step:
             self._save(step)
@@ -188,6 +183,17 @@ class _Trainer:
         loss, values = train_step(self.method, self.student, self.optimizer, self.schedules, batch, epoch, step,
                                   self.autocast)
         return mean_over_processes(loss, self.runtime), values
+
+    def _watch_collapse(self, epoch: int, values: dict) -> None:
+        distribution = self.method.output_distribution(epoch)
+        if distribution is not None:
+            values.update(collapse_statistics(distribution))
+            self._warn(self.collapse.update(epoch, values))
+
+    def _warn(self, warning) -> None:
+        if warning and self.runtime.is_main:
+            print(f"fastssl: warning: {warning}", file=sys.stderr)
+            self.log.write(dict(warning=warning))
 
     def _record(self, step, epoch, loss, values, speed, progress) -> None:
         progress.update(step - 1, speed, dict(epoch=epoch, loss=loss, lr=values["lr"]))
@@ -228,15 +234,17 @@ class _Trainer:
             per_process=_gather_per_process(dict(loss=loss_state, rng=None)),
         )
         if runtime.is_main:
-            atomic_save(payload, self.checkpoint_path)
+            save_keeping_previous(payload, self.checkpoint_path)
         if runtime.distributed:
             dist.barrier()
 
     def _resume(self) -> int:
-        checkpoint = load_checkpoint(self.checkpoint_path)
+        checkpoint, path, skipped = load_newest_readable(self.checkpoint_path)
+        runtime = self.runtime
+        for note in skipped if runtime.is_main else ():
+            print(f"fastssl: skipped the damaged checkpoint {note}", file=sys.stderr)
         if checkpoint is None:
             return 0
-        runtime = self.runtime
         modules = self.method.modules()
         for name, state in checkpoint["models"].items():
             load_full_model_state(modules[name], state, runtime)
@@ -249,7 +257,7 @@ class _Trainer:
         modules["loss"].load_state_dict(mine["loss"])
         set_rng_state(mine["rng"])
         if runtime.is_main:
-            print(f"fastssl: resumed from {self.checkpoint_path} at step {checkpoint['step']}", file=sys.stderr)
+            print(f"fastssl: resumed from {path} at step {checkpoint['step']}", file=sys.stderr)
         return int(checkpoint["step"])
 
 

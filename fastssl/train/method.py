@@ -8,6 +8,7 @@ reference queue) and its augmentation; the training loop (fastssl.train.loop) ow
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -46,6 +47,12 @@ class Method:
     def loss(self, student: nn.Module, batch, epoch: int, step: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_distribution(self, epoch: int) -> Optional[torch.Tensor]:
+        """A sample of the distributions the method's targets come from, (rows, K) and
+        summing to 1 per row, for the collapse check; None where the method has none
+        (Barlow Twins, NeCo)."""
+        return None
+
     def after_backward(self, epoch: int, step: int) -> None:
         """Gradient surgery before clipping and the optimizer step (frozen layers)."""
 
@@ -69,6 +76,21 @@ class Method:
         for module in self.modules().values():
             module.to(device)
         return self
+
+
+COLLAPSE_SAMPLE_ROWS = 64  # rows of the targets' distributions the collapse check looks at per step
+
+
+def collapse_statistics(distribution: torch.Tensor) -> dict[str, float]:
+    """Entropies of (rows, K) distributions as fractions of log K: the mean over rows
+    (``output_entropy``; 1 when every row is uniform) and that of the mean row
+    (``batch_entropy``; 0 when every row puts its mass on one and the same entry)."""
+    distribution = distribution.float()
+    log_k = math.log(distribution.shape[1])
+    row = -(distribution * distribution.clamp_min(1e-30).log()).sum(1).mean()
+    mean = distribution.mean(0)
+    batch = -(mean * mean.clamp_min(1e-30).log()).sum()
+    return {"output_entropy": row.item() / log_k, "batch_entropy": batch.item() / log_k}
 
 
 METHOD_CLASSES = {"dino": "fastssl.train.dino:DINO", "swav": "fastssl.train.swav:SwAV",

@@ -1,4 +1,4 @@
-"""Progress bar (img/s, ETA), JSONL log and optional TensorBoard, on the main process."""
+"""Progress bar (img/s, ETA), JSONL log, optional TensorBoard, and the collapse watch."""
 
 from __future__ import annotations
 
@@ -80,3 +80,40 @@ class MetricLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+class CollapseWatch:
+    """Says when the method's target distributions looked collapsed at every step of a whole
+    epoch: uniform (``output_entropy`` above UNIFORM of log K: every target says nothing) or
+    all on one entry (``batch_entropy`` below ONE_ENTRY of log K: every image gets the same
+    target). Either way the loss can keep falling while the features learn nothing, and the
+    kNN accuracy shows it only at the next evaluation."""
+
+    UNIFORM, ONE_ENTRY = 0.95, 0.05
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch: Optional[int] = None
+        self.steps = self.uniform = self.one_entry = 0
+
+    def update(self, epoch: int, statistics: dict) -> Optional[str]:
+        """Record one step's statistics; returns a warning when a collapsed epoch ends."""
+        warning = self.finish() if epoch != self.epoch else None
+        if epoch != self.epoch:
+            self.epoch, self.steps, self.uniform, self.one_entry = epoch, 0, 0, 0
+        self.steps += 1
+        self.uniform += statistics["output_entropy"] > self.UNIFORM
+        self.one_entry += statistics["batch_entropy"] < self.ONE_ENTRY
+        return warning
+
+    def finish(self) -> Optional[str]:
+        """The warning for the epoch in progress, if it is complete and was collapsed."""
+        if self.epoch is None or self.steps < self.steps_per_epoch:
+            return None
+        if self.uniform == self.steps:
+            return (f"epoch {self.epoch}: the targets were uniform at every step (output entropy above "
+                    f"{self.UNIFORM:.0%} of log K): the run has collapsed (try a sharper teacher or a lower lr)")
+        if self.one_entry == self.steps:
+            return (f"epoch {self.epoch}: every image got the same target at every step (batch entropy below "
+                    f"{self.ONE_ENTRY:.0%} of log K): the run has collapsed (try more centering or a lower lr)")
+        return None

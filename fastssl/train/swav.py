@@ -11,8 +11,10 @@ from fastssl.nn import SwAVLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.sinkhorn import swav_loss_original
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import Method
+from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method
 from fastssl.train.models import MultiCropBackbone, backbone_width, build_backbone, crop_groups, mlp, unwrap
+
+SWAV_TEMPERATURE = 0.1  # of the prototype scores' softmax: SwAV's, both losses' default
 
 
 class SwAVNetwork(nn.Module):
@@ -80,6 +82,7 @@ class SwAV(Method):
 
     def loss(self, student, crops, epoch, step):
         embeddings, scores = student(crops)
+        self._score_sample = scores[:COLLAPSE_SAMPLE_ROWS].detach()
         config = self.config
         with record_function(LOSS):
             if config.swav_queue_length == 0 or epoch < config.swav_epoch_queue_starts:
@@ -90,6 +93,11 @@ class SwAV(Method):
     def to(self, device):
         self.loss_without_queue.to(device)
         return super().to(device)
+
+    @torch.no_grad()
+    def output_distribution(self, epoch):
+        """The predictions the codes are matched to: softmax(prototype scores / temperature)."""
+        return torch.softmax(self._score_sample.float() / SWAV_TEMPERATURE, dim=-1)
 
     def after_backward(self, epoch, step):
         # SwAV leaves the prototypes fixed for the first iterations: the assignments settle first.
