@@ -39,7 +39,7 @@ def tiny_config(method, tmp_path, **overrides):
     return resolve_config(method, "tiny", **values)
 
 
-@pytest.mark.parametrize("method", ["dino", "swav", "barlow", "neco"])
+@pytest.mark.parametrize("method", ["dino", "dinov2", "swav", "barlow", "neco"])
 def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
     result = train(tiny_config(method, tmp_path, max_steps=2, knn=method == "dino"))
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -53,7 +53,7 @@ def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
         assert set(result.knn) == {0, 2} and all(0 <= a <= 100 for a in result.knn.values())
 
 
-@pytest.mark.parametrize("method", ["dino", "barlow"])
+@pytest.mark.parametrize("method", ["dino", "dinov2", "barlow"])
 def test_kernels_off_runs_the_original_ops_to_the_same_losses(method, tmp_path):
     on = train(tiny_config(method, tmp_path / "on", max_steps=2))
     off = train(tiny_config(method, tmp_path / "off", max_steps=2, kernels=False))
@@ -62,6 +62,8 @@ def test_kernels_off_runs_the_original_ops_to_the_same_losses(method, tmp_path):
 
 @pytest.mark.parametrize("method,extra", [
     ("dino", dict(drop_path=0.1)),  # stochastic depth draws from the saved RNG
+    ("dinov2", dict(ibot_separate_head=True)),  # asynchronous centers, applied before a checkpoint
+    ("dinov2", dict(centering="sinkhorn_knopp")),
     ("swav", dict(swav_queue_length=8, swav_epoch_queue_starts=0, swav_freeze_prototypes_steps=1)),
     ("neco", dict(neco_queue_size=40)),
 ])
@@ -73,23 +75,31 @@ def test_resume_reproduces_the_uninterrupted_losses(method, extra, tmp_path):
     assert first_half.losses + second_half.losses == straight.losses
 
 
-def _train_on_two_processes(rank, world_size, tmp_path, fsdp):
-    straight = train(tiny_config("dino", tmp_path / "straight", max_steps=3, fsdp=fsdp))
-    train(tiny_config("dino", tmp_path / "resumed", max_steps=2, fsdp=fsdp))
-    resumed = train(tiny_config("dino", tmp_path / "resumed", max_steps=3, fsdp=fsdp))
+# Two DINOv2 terms are per process, as in DINOv2: KoLeo looks for nearest neighbours within a
+# process's images, and the iBOT center averages each process's mean masked token (their
+# counts differ). The equivalence leaves KoLeo out and takes Sinkhorn-Knopp targets.
+PER_PROCESS_TERMS_OFF = {"dinov2": dict(koleo_loss_weight=0.0, centering="sinkhorn_knopp")}
+
+
+def _train_on_two_processes(rank, world_size, tmp_path, method, fsdp):
+    extra = PER_PROCESS_TERMS_OFF.get(method, {})
+    straight = train(tiny_config(method, tmp_path / "straight", max_steps=3, fsdp=fsdp, **extra))
+    train(tiny_config(method, tmp_path / "resumed", max_steps=2, fsdp=fsdp, **extra))
+    resumed = train(tiny_config(method, tmp_path / "resumed", max_steps=3, fsdp=fsdp, **extra))
     torch.save((straight.losses, resumed.losses), tmp_path / f"losses_{rank}.pt")
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_gloo_two_processes_match_one_process_and_resume(fsdp, tmp_path):
-    run_distributed(_train_on_two_processes, tmp_path, fsdp, world_size=2)
+@pytest.mark.parametrize("method,fsdp", [("dino", False), ("dino", True), ("dinov2", False)],
+                         ids=["dino-ddp", "dino-fsdp2", "dinov2-ddp"])
+def test_gloo_two_processes_match_one_process_and_resume(method, fsdp, tmp_path):
+    run_distributed(_train_on_two_processes, tmp_path, method, fsdp, world_size=2)
     (straight, resumed), other_rank = [torch.load(tmp_path / f"losses_{rank}.pt") for rank in range(2)]
     assert other_rank == (straight, resumed)  # the logged loss is averaged over the processes
     assert resumed == straight[2:]
-    single = train(tiny_config("dino", tmp_path / "single", max_steps=3))
+    single = train(tiny_config(method, tmp_path / "single", max_steps=3, **PER_PROCESS_TERMS_OFF.get(method, {})))
     # The same images (augmentations are seeded per sample), half a batch per process.
     assert_close(torch.tensor(straight), torch.tensor(single.losses), rtol=1e-4, atol=1e-4)
-    assert len(load_checkpoint(str(tmp_path / "straight" / "dino" / "checkpoint.pt"))["per_process"]) == 2
+    assert len(load_checkpoint(str(tmp_path / "straight" / method / "checkpoint.pt"))["per_process"]) == 2
 
 
 def test_image_folder_data(tmp_path):
@@ -205,3 +215,12 @@ def test_collapse_watch_warns_after_a_whole_collapsed_epoch():
     assert collapse_statistics(distribution) == pytest.approx({"output_entropy": 1.0, "batch_entropy": 1.0})
     assert collapse_statistics(torch.eye(8)[[3, 3, 3]]) == pytest.approx({"output_entropy": 0.0,
                                                                           "batch_entropy": 0.0}, abs=1e-6)
+
+
+def test_dinov2_bad_configs():
+    with pytest.raises(ValueError, match="dinov2 trains a ViT"):
+        resolve_config("dinov2", arch="resnet18")
+    with pytest.raises(ValueError, match="--centering must be centering or sinkhorn_knopp"):
+        resolve_config("dinov2", "tiny", centering="mean")
+    with pytest.raises(ValueError, match="--mask-ratio must be two fractions"):
+        resolve_config("dinov2", "tiny", mask_ratio=(0.6, 0.2))

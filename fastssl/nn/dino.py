@@ -36,6 +36,14 @@ def _stack_crops(name: str, value: Crops) -> torch.Tensor:
     return torch.cat(crops)
 
 
+def teacher_temperature_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
+                                 epochs: int) -> np.ndarray:
+    """DINO's per-epoch teacher temperature: linear from ``warmup_teacher_temp`` over the
+    warm-up epochs (both ends included), then ``teacher_temp``."""
+    return np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+                           np.ones(epochs - warmup_epochs) * teacher_temp))
+
+
 class _TeacherTargets:
     """The teacher side shared by :class:`DINOLoss` and :class:`IBOTPatchLoss`: the center
     buffer (named ``center`` as in the official checkpoints) and its EMA,
@@ -118,11 +126,9 @@ class DINOLoss(_TeacherTargets, nn.Module):
         if not 0 <= warmup_teacher_temp_epochs <= nepochs:
             raise ValueError(f"warmup_teacher_temp_epochs must be in [0, nepochs={nepochs}], "
                              f"got {warmup_teacher_temp_epochs}")
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(check_positive_float("warmup_teacher_temp", warmup_teacher_temp),
-                        check_positive_float("teacher_temp", teacher_temp), warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-        ))
+        self.teacher_temp_schedule = teacher_temperature_schedule(
+            check_positive_float("warmup_teacher_temp", warmup_teacher_temp),
+            check_positive_float("teacher_temp", teacher_temp), warmup_teacher_temp_epochs, nepochs)
         self._init_center((1, out_dim), center_momentum, async_center, group)
 
     def teacher_temperature(self, epoch: int) -> float:

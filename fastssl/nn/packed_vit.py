@@ -92,6 +92,27 @@ def _flat_blocks(blocks: nn.Module):
             yield block
 
 
+def embed_tokens(vit: nn.Module, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b, 3, H, W) -> (b, n, C) tokens entering the first block of a timm, DINO or DINOv2 ViT.
+    ``masks`` (b, patches) bool replaces those patch embeddings with the ViT's ``mask_token``
+    (1, C) before the prefix tokens and positional embeddings are added, as DINOv2's
+    ``prepare_tokens_with_masks`` does (a timm ViT gets that parameter from its trainer)."""
+    if hasattr(vit, "prepare_tokens_with_masks"):  # DINOv2
+        return vit.prepare_tokens_with_masks(images, masks)
+    if masks is not None and not hasattr(vit, "mask_token"):
+        raise ValueError("masks need a ViT with a mask token (DINOv2's prepare_tokens_with_masks, or a "
+                         f"mask_token parameter); {type(vit).__name__} has none")
+    if hasattr(vit, "prepare_tokens"):  # DINO
+        if masks is not None:
+            raise ValueError("masks are supported for DINOv2 and timm ViTs, not DINO's prepare_tokens")
+        return vit.prepare_tokens(images)
+    patches = vit.patch_embed(images)  # timm: (b, h, w, C) with dynamic_img_size, else (b, n, C)
+    if masks is not None:
+        patches = torch.where(masks.view(patches.shape[:-1]).unsqueeze(-1), vit.mask_token.to(patches.dtype),
+                              patches)
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(patches)))
+
+
 class PackedViT(nn.Module):
     """Runs ``vit`` over crop groups of several resolutions in one forward per block.
 
@@ -100,9 +121,9 @@ class PackedViT(nn.Module):
     interpolate in ``prepare_tokens`` / ``prepare_tokens_with_masks``). Its weights are
     used as they are; nothing is copied.
 
-    ``forward(crops, masks=None)``: a list of image batches (b_i, 3, H_i, W_i) and, for a
-    DINOv2 ViT, optional per-group (b_i, patches_i) bool masks (the masked patches take the
-    mask token, as in ``prepare_tokens_with_masks``); returns the final normalized tokens
+    ``forward(crops, masks=None)``: a list of image batches (b_i, 3, H_i, W_i) and optional
+    per-group (b_i, patches_i) bool masks (the masked patches take the ViT's mask token; see
+    :func:`embed_tokens`); returns the final normalized tokens
     per group, [(b_i, n_i, C)] in order (CLS at index 0, then registers, then patches), equal
     to ``vit.forward_features`` run per group.
     """
@@ -115,18 +136,7 @@ class PackedViT(nn.Module):
         self.vit = vit
 
     def embed(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(b, 3, H, W) -> (b, n, C) tokens entering the first block; ``masks`` (b, patches)
-        bool replaces those patch embeddings with the ViT's mask token (DINOv2 / iBOT)."""
-        vit = self.vit
-        if hasattr(vit, "prepare_tokens_with_masks"):  # DINOv2
-            return vit.prepare_tokens_with_masks(images, masks)
-        if masks is not None:
-            raise ValueError("masks need a ViT with DINOv2's prepare_tokens_with_masks (a mask token); "
-                             f"{type(vit).__name__} has none")
-        if hasattr(vit, "prepare_tokens"):  # DINO
-            return vit.prepare_tokens(images)
-        tokens = vit._pos_embed(vit.patch_embed(images))  # timm
-        return vit.norm_pre(vit.patch_drop(tokens))
+        return embed_tokens(self.vit, images, masks)
 
     def forward(self, crops: Sequence[torch.Tensor],
                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:

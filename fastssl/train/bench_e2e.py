@@ -104,12 +104,11 @@ RECIPES = {
         1.5, Schedule("100 epochs of ImageNet-1k on 8 GPUs x 64", 336, gpus=8, global_batch=512, epochs=100,
                       images=IMAGENET_1K_IMAGES, note="published: about 0.62 s per step")),
     "dinov2-vitl14": Recipe(
-        "dino", "DINOv2 ViT-L/14, 32 x (2x224 + 8x98), K=131072",
+        "dinov2", "DINOv2 ViT-L/14, 32 x (2x224 + 8x98), K=131072, DINO + iBOT + KoLeo",
         dict(arch="vit_large_patch14", depth=24, global_crop_size=224, local_crop_size=98, local_crops=8,
              out_dim=131072, batch_size=32),
         1.3, Schedule("500 epochs of ImageNet-22k", 7600, epochs=500,
-                      note="REFERENCE.md gives neither the GPU count nor the global batch"),
-        note="the DINO loss only: the trainers have no iBOT patch loss and no KoLeo"),
+                      note="REFERENCE.md gives neither the GPU count nor the global batch")),
     "neco-vits14": Recipe(
         "neco", "NeCo ViT-S/14, 64 x (2x518 + 4x98), sorts of 49",
         dict(arch="vit_small_patch14", global_crop_size=518, local_crop_size=98, local_crops=4, batch_size=64),

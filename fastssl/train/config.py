@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-METHODS = ("dino", "swav", "barlow", "neco")
+METHODS = ("dino", "dinov2", "swav", "barlow", "neco")
 VIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}  # dim, heads
 VIT_ARCH = re.compile(r"^vit_(tiny|small|base|large)(?:_patch(\d+))?(?:_reg(\d+))?$")
 RESNET_ARCHS = ("resnet18", "resnet50")
@@ -68,6 +68,13 @@ class TrainConfig:
     swav_epoch_queue_starts: int = 15
     swav_freeze_prototypes_steps: int = 313
     swav_epsilon: float = 0.05
+    ibot_loss_weight: float = field(default=1.0, metadata={"help": "DINOv2: weight of the iBOT masked-patch loss"})
+    koleo_loss_weight: float = field(default=0.1, metadata={"help": "DINOv2: weight of the KoLeo regularizer"})
+    ibot_separate_head: bool = field(default=False, metadata={"help": "DINOv2: an iBOT head of its own"})
+    centering: str = field(default="centering", metadata={
+        "help": "DINOv2's teacher targets: centering (softmax of centered logits) or sinkhorn_knopp"})
+    mask_probability: float = field(default=0.5, metadata={"help": "DINOv2: share of global crops masked"})
+    mask_ratio: tuple = field(default=(0.1, 0.5), metadata={"help": "DINOv2: masked share of a masked crop"})
     barlow_lambda: float = 0.0051
     neco_queue_size: int = 8192
     neco_aligned_side: int = field(default=7, metadata={"help": "NeCo RoI-aligns each overlap to side x side patches"})
@@ -110,6 +117,11 @@ class TrainConfig:
 
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino": {},
+    # DINOv2's ViT-L/14 recipe (ssl_default_config and vitl14 configs): layer scale, 10 crops.
+    "dinov2": dict(arch="vit_large_patch14", depth=24, drop_path=0.4, lr=4e-3, warmup_epochs=10, min_lr=1e-6,
+                   weight_decay=0.04, weight_decay_end=0.2, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                   warmup_teacher_temp_epochs=30, momentum_teacher=0.992, global_crop_size=224, local_crop_size=98,
+                   global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), head_hidden_dim=2048),
     "swav": dict(arch="resnet50", optimizer="lars", lr=0.3, min_lr=3e-4, warmup_epochs=0, weight_decay=1e-6,
                  weight_decay_end=1e-6, clip_grad=0.0, out_dim=3000, head_bottleneck_dim=128, local_crops=6,
                  global_crop_scale=(0.14, 1.0), local_crop_scale=(0.05, 0.14), swav_queue_length=3840),
@@ -135,6 +147,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0, momentum_teacher=0.996,
                      global_crop_scale=(0.5, 1.0), local_crop_scale=(0.25, 0.5), weight_decay_end=0.1, hue=0.0,
                      workers=0),
+        # DINO's tiny preset with DINOv2's additions: layer scale, masked global crops, iBOT, KoLeo.
+        "dinov2": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, drop_path=0.0, out_dim=1024,
+                       head_hidden_dim=512, head_bottleneck_dim=128, local_crops=4, epochs=6, lr=2e-3,
+                       teacher_temp=0.02, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0,
+                       momentum_teacher=0.996, global_crop_scale=(0.5, 1.0), local_crop_scale=(0.25, 0.5),
+                       weight_decay_end=0.1, hue=0.0, workers=0),
         "swav": dict(_TINY_CROPS, arch="resnet18", out_dim=100, head_hidden_dim=512, local_crops=4, lr=0.3,
                      swav_queue_length=0, swav_freeze_prototypes_steps=50, global_crop_scale=(0.35, 1.0),
                      local_crop_scale=(0.1, 0.35)),
@@ -162,6 +180,7 @@ NUMERIC_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     **{name: (0, None, False) for name in (
         "lr", "teacher_temp", "warmup_teacher_temp", "swav_epsilon", "neco_steepness", "knn_temperature")},
     "hue": (0, 0.5, True), "invert_probability": (0, 1, True), "drop_path": (0, 1, True),
+    "ibot_loss_weight": (0, None, True), "koleo_loss_weight": (0, None, True), "mask_probability": (0, 1, True),
     "momentum_teacher": (0, 1, True), "neco_aligned_side": (2, None, True),
 }
 
@@ -177,6 +196,9 @@ def _check_ranges(config: TrainConfig) -> None:
             high = "" if highest is None else f"<= {highest}"
             raise ValueError(f"--{name.replace('_', '-')} must be {' and '.join(filter(None, (low, high)))}, "
                              f"got {value}")
+    low, high = config.mask_ratio
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"--mask-ratio must be two fractions 0 <= min <= max <= 1, got {low} {high}")
     for name in ("global_crop_scale", "local_crop_scale"):
         low, high = getattr(config, name)
         if not 0 < low <= high <= 1:
@@ -212,7 +234,9 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     elif config.arch not in RESNET_ARCHS:
         raise ValueError(f"unknown arch {config.arch!r}; expected vit_{{tiny,small,base,large}}[_patchN][_regN] "
                          f"or one of {', '.join(RESNET_ARCHS)}")
-    if config.method in ("dino", "neco") and not config.is_vit:
+    if config.centering not in ("centering", "sinkhorn_knopp"):
+        raise ValueError(f"--centering must be centering or sinkhorn_knopp, got {config.centering!r}")
+    if config.method in ("dino", "dinov2", "neco") and not config.is_vit:
         raise ValueError(f"{config.method} trains a ViT; got arch {config.arch!r}")
     if config.data is not None and not os.path.isdir(config.data):
         raise ValueError(f"--data {config.data!r} is not a directory (expected an ImageFolder root: one "

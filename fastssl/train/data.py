@@ -152,6 +152,55 @@ class MultiCropAugmentation:
         return [view(image) for view in self.global_views] + [self.local_view(image) for _ in range(self.local_crops)]
 
 
+def block_mask(grid: int, patches: int) -> torch.Tensor:
+    """A (grid * grid,) bool mask of about ``patches`` patches in rectangles, as DINOv2's
+    masking generator draws them: each rectangle covers 4 or more patches (up to what is still
+    to mask), with an aspect ratio log-uniform in [0.3, 1 / 0.3] and sides shorter than the
+    grid; rectangles are added until the count is reached or ten tries in a row add nothing."""
+    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    misses = 0
+    while int(mask.sum()) < patches and misses < 10:
+        budget = patches - int(mask.sum())
+        area = random_uniform(min(4, budget), budget)
+        aspect = math.exp(random_uniform(math.log(0.3), -math.log(0.3)))
+        height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if not (1 <= height < grid and 1 <= width < grid):
+            misses += 1
+            continue
+        top = int(torch.randint(grid - height + 1, ()))
+        left = int(torch.randint(grid - width + 1, ()))
+        added = int((~mask[top:top + height, left:left + width]).sum())
+        if 0 < added <= budget:
+            mask[top:top + height, left:left + width] = True
+            misses = 0
+        else:
+            misses += 1
+    return mask.flatten()
+
+
+class MaskedGlobalCrops:
+    """DINOv2's student input: a multi-crop augmentation whose global crops each get a block
+    mask of their patches with probability ``probability``, the masked share uniform in
+    ``ratio`` (DINOv2 spreads the same ratios evenly over a batch; here each image draws one).
+    Image -> (crops, (2, patches) bool masks)."""
+
+    def __init__(self, augmentation: MultiCropAugmentation, grid: int, ratio: tuple, probability: float):
+        self.augmentation, self.grid, self.ratio, self.probability = augmentation, grid, tuple(ratio), probability
+
+    def __call__(self, image):
+        crops = self.augmentation(image)
+        masks = [block_mask(self.grid, int(self.grid ** 2 * random_uniform(*self.ratio)))
+                 if random_uniform(0, 1) < self.probability else torch.zeros(self.grid ** 2, dtype=torch.bool)
+                 for _ in range(2)]
+        return crops, torch.stack(masks)
+
+
+def collate_masked_crops(samples: Sequence):
+    """-> (one (B, 3, H, W) tensor per crop index, (2B, patches) masks crop-major)."""
+    crops, masks = zip(*samples)
+    return collate_crops(crops), torch.cat(torch.stack(masks).unbind(1))
+
+
 def sample_box_containing(width: int, height: int, anchor: tuple[float, float], scale, ratio=(3 / 4, 4 / 3)):
     """A RandomResizedCrop-like box (x1, y1, x2, y2) in pixels that contains ``anchor``."""
     area = width * height * random_uniform(*scale)

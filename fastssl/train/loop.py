@@ -222,6 +222,9 @@ class _Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _save(self, step: int) -> None:
         runtime = self.runtime
+        for module in self.method.loss_module.modules():
+            if hasattr(module, "apply_center_update"):  # a pending (asynchronous) center update: saved applied
+                module.apply_center_update()
         modules = self.method.modules()
         loss_state = {key: value.cpu() if torch.is_tensor(value) else value
                       for key, value in modules.pop("loss").state_dict().items()}

@@ -1,4 +1,4 @@
-"""What a trainer needs from a method, and the registry of the four methods.
+"""What a trainer needs from a method, and the registry of the methods.
 
 A method owns its networks (the trainable ``student``, wrapped by DDP/FSDP, and an optional
 EMA ``teacher``), its loss module (with its state: DINO's center, SwAV's queue, NeCo's
@@ -93,7 +93,8 @@ def collapse_statistics(distribution: torch.Tensor) -> dict[str, float]:
     return {"output_entropy": row.item() / log_k, "batch_entropy": batch.item() / log_k}
 
 
-METHOD_CLASSES = {"dino": "fastssl.train.dino:DINO", "swav": "fastssl.train.swav:SwAV",
+METHOD_CLASSES = {"dino": "fastssl.train.dino:DINO", "dinov2": "fastssl.train.dinov2:DINOv2",
+                  "swav": "fastssl.train.swav:SwAV",
                   "barlow": "fastssl.train.barlow:BarlowTwins", "neco": "fastssl.train.neco:NeCo"}
 
 

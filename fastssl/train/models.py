@@ -9,12 +9,13 @@ forward per group, as the original multi-crop wrappers do (timm's attention uses
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from fastssl.nn import PackedViT
+from fastssl.nn.packed_vit import embed_tokens
 from fastssl.train.config import TrainConfig
 
 
@@ -22,13 +23,16 @@ def build_vit(config: TrainConfig) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     width, heads, patch_size, registers = config.vit_spec()
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=config.global_crop_size, patch_size=patch_size, embed_dim=width, depth=config.depth,
         num_heads=heads, num_classes=0, reg_tokens=registers, dynamic_img_size=True,
         drop_path_rate=config.drop_path,
-        # DINOv2 ViTs (NeCo's starting point) use LayerScale; DINO's do not.
-        init_values=1e-5 if config.method == "neco" else None,
+        # DINOv2 ViTs (also NeCo's starting point) use LayerScale; DINO's do not.
+        init_values=1e-5 if config.method in ("dinov2", "neco") else None,
     )
+    if config.method == "dinov2":  # iBOT's masked patches take it (DINOv2's name and shape)
+        vit.mask_token = nn.Parameter(torch.zeros(1, width))
+    return vit
 
 
 def build_resnet(config: TrainConfig) -> nn.Module:
@@ -82,12 +86,17 @@ class MultiCropBackbone(nn.Module):
         """Tokens before the patches (CLS and registers)."""
         return getattr(self.backbone, "num_prefix_tokens", 1)
 
-    def forward(self, groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, groups: Sequence[torch.Tensor], masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+                ) -> list[torch.Tensor]:
+        """``masks``: per group None or (b_i, patches) bool, for a ViT with a mask token."""
         if self.packed is not None:
-            return self.packed(list(groups))
-        if self.is_vit:
+            return self.packed(list(groups), masks)
+        if not self.is_vit:
+            return [self.backbone(images) for images in groups]
+        if masks is None:
             return [self.backbone.forward_features(images) for images in groups]
-        return [self.backbone(images) for images in groups]
+        vit = self.backbone  # timm's forward_features, with the masks applied to the patch embeddings
+        return [vit.norm(vit.blocks(embed_tokens(vit, images, mask))) for images, mask in zip(groups, masks)]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) image features for evaluation: the CLS token of a ViT, pooled ResNet features."""
