@@ -18,7 +18,7 @@ official all-reduce of C moves 2 D^2 * 4 bytes * (W-1)/W. At N=2048, D=8192: 64 
 import torch
 
 import fastssl
-from fastssl.benchmark import Case, Contender, compiled, parse_args, run_benchmark
+from fastssl.benchmark import Case, Contender, compiled, parse_args, run_benchmark, under_autocast
 from fastssl.ops import barlow_twins_loss, vicreg_loss
 from fastssl.reference.barlow_twins import barlow_twins_loss_original, vicreg_loss_original
 
@@ -30,13 +30,6 @@ def forward_backward(loss_fn, z1, z2):
         z1.grad = z2.grad = None
         loss_fn(z1, z2).backward()
     return step
-
-
-def under_autocast(fn, device):
-    def run(a, b):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return fn(a, b)
-    return run
 
 
 def make_cases(device, smoke, args):

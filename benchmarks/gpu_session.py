@@ -55,7 +55,9 @@ from fastssl.benchmark import goals_markdown, measure_ceilings, run_case  # noqa
 
 EAGER_S, KERNEL_S, COMPILE_S = 2.0, 5.0, 15.0
 ENVIRONMENT_S, CORRECTNESS_CAP_S = 20.0, 90.0
-E2E_S = {"dino-vits16": 60.0, "neco-vits14": 90.0, "dinov2-vitl14": 120.0, "swav-rn50": 60.0, "barlow-rn50": 60.0}
+# e2e: building both paths' models and the batch, then 2 + 8 + 1 steps of each path (warm-up,
+# timed, profiled); the NeCo reference path sorts densely, seconds per step.
+E2E_S = {"dino-vits16": 45.0, "neco-vits14": 75.0, "dinov2-vitl14": 120.0, "swav-rn50": 60.0, "barlow-rn50": 60.0}
 MAX_FILES = 8
 
 
@@ -190,6 +192,18 @@ def correctness_steps(device: torch.device, smoke: bool) -> list[Step]:
         student = torch.rand(rows, 49, generator=torch.Generator(device).manual_seed(7), device=device) * 2 - 1
         return student.bfloat16(), (student + 0.1 * randn(rows, 49, seed=8)).clamp(-1, 1).bfloat16()
 
+    def nt_xent():
+        rows = 8 if smoke else 4096  # images: SimCLR's 2N = 8192 rows
+        views = [torch.nn.functional.normalize(randn(rows, 128, seed=11 + view), dim=1).bfloat16() for view in (0, 1)]
+        def loss(a, b):
+            return {"loss": ops.info_nce(a, b, 0.5, symmetric=True, exclude_self=True)}
+
+        def reference(a, b):
+            with fastssl.use_backend("reference"):
+                return loss(a, b)
+
+        return loss, reference, dict(zip("ab", views)), {"loss": 1.0}
+
     def soft_sort():
         x, _ = similarity_rows()
         weights = {"x_sorted": randn(*x.shape, seed=9, dtype=torch.float64),
@@ -224,6 +238,7 @@ def correctness_steps(device: torch.device, smoke: bool) -> list[Step]:
               ("barlow_twins_loss 2048x8192", ("triton",), barlow("triton")),
               ("barlow_twins_loss 2048x8192, cuBLAS Gram", ("triton",), barlow("cublas")),
               ("varlen_attention DINO crops, 6 heads", ("triton",), attention),
+              ("info_nce SimCLR 2N=8192 D=128", ("triton",), nt_xent),
               ("soft_sort 3136x49", ("triton", native), soft_sort),
               ("neco_loss 3136x49", ("triton", native), neco)]
     return [Step(1, f"correctness: {name} [{backend}]", KERNEL_S, run_check(name, backend, make))
@@ -247,6 +262,7 @@ def benchmark_steps(device: torch.device, smoke: bool, ceilings: Callable[[], di
     harness's run_case with the session's measured ceilings."""
     import bench_barlow_twins
     import bench_dino_loss
+    import bench_info_nce
     import bench_packed_vit
     import bench_sinkhorn
     import bench_soft_sort
@@ -258,6 +274,7 @@ def benchmark_steps(device: torch.device, smoke: bool, ceilings: Callable[[], di
               ("dino_loss", bench_dino_loss, ("DINO ViT-S/16 B=64 2+10 crops K=65536 bf16",)),
               ("soft_sort", bench_soft_sort, ("NeCo sort", "NeCo loss")),
               ("barlow_twins", bench_barlow_twins, ("barlow_twins N=2048 D=8192",)),
+              ("info_nce", bench_info_nce, ("SimCLR NT-Xent 2N=8192 D=128",)),
               ("varlen_attention", bench_varlen_attention, ("fwd+bwd",)),
               ("packed_vit", bench_packed_vit, ())]
     headline, rest = [], []
@@ -280,7 +297,7 @@ def benchmark_steps(device: torch.device, smoke: bool, ceilings: Callable[[], di
 def e2e_steps(device: torch.device, smoke: bool) -> tuple[list, list]:
     from fastssl.train import bench_e2e
 
-    counts = bench_e2e.Counts(warmup=1, steps=2, profiled=1) if smoke else bench_e2e.Counts(3, 10, 2)
+    counts = bench_e2e.Counts(warmup=1, steps=2, profiled=1) if smoke else bench_e2e.Counts(2, 8, 1)
 
     def step(phase, name):
         return Step(phase, f"e2e: {name}", 10.0 if smoke else E2E_S[name],

@@ -356,6 +356,14 @@ def run_benchmark(op: str, args: argparse.Namespace,
     return out
 
 
+def under_autocast(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` under bf16 autocast: the original code as a mixed-precision trainer runs it."""
+    def run(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args)
+    return run
+
+
 def compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
     """``torch.compile(fn)`` unless --no-compile; None when skipped."""
     if args.no_compile:

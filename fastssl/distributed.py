@@ -7,6 +7,7 @@ behaviour of the original SwAV and DINOv2 code) and into "no communication" othe
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +24,22 @@ def resolve_group(group: ProcessGroup) -> ProcessGroup:
         return None
     group = group if group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def process_group_for(gather_distributed: bool, group: ProcessGroup = None) -> ProcessGroup:
+    """The ``group`` an op gets for a module's ``gather_distributed`` option: ``group`` (the
+    default group when None) when gathering across processes; otherwise, under
+    torch.distributed, a group of this process alone, which :func:`resolve_group` reads as no
+    communication, so that each process computes on its own batch."""
+    if gather_distributed or not (dist.is_available() and dist.is_initialized()):
+        return group
+    return _this_process_only()
+
+
+@functools.cache
+def _this_process_only() -> "dist.ProcessGroup":
+    # Standalone: nothing registered with the default group, no collective to create it.
+    return dist.ProcessGroup(dist.HashStore(), 0, 1)
 
 
 def group_name(group: ProcessGroup) -> str:
@@ -54,3 +71,32 @@ def all_reduce_logsumexp(lse: torch.Tensor, group: ProcessGroup, *, base2: bool 
     total = exp(lse - shift)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return shift + log(total)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Rows of every rank, in rank order; the backward hands each rank the gradient of its own
+    rows summed over the ranks (each rank's loss used everyone's rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(local, grad, group=ctx.group)
+            return local, None
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        return grad.chunk(world)[dist.get_rank(ctx.group)].contiguous(), None
+
+
+def all_gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """(N, ...) rows of every rank of ``group`` concatenated in rank order, differentiable;
+    ``x`` itself without a group."""
+    return x if group is None else _AllGatherRows.apply(x, group)

@@ -177,6 +177,15 @@ def run_launchers():
                 for deterministic in (False, True):
                     varlen_attention._backward_triton(out, q, k, v, out, lse, cu_seqlens, 0, 0.125, deterministic)
 
+    info_nce = importlib.import_module("fastssl.ops.info_nce")  # fastssl.ops exports the function
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for D in (128, 256):  # SimCLR's and MoCo v3's projections
+            rows, ones = torch.zeros(64, D, dtype=dtype), torch.ones(())
+            with recipe("SimCLR 2N=8192 / MoCo v3 N=4096"):
+                for own_view in (None, rows):  # MoCo v3, NT-Xent
+                    lse, _ = info_nce._forward_triton(rows, rows, own_view, 0.1, 0)
+                    info_nce._backward_triton(ones, rows, rows, own_view, lse, 0.1, 0, True, own_view is not None)
+
     soft_sort = importlib.import_module("fastssl.ops.soft_sort")  # fastssl.ops exports the functions
     neco_loss = importlib.import_module("fastssl.ops.neco_loss")
     # The network is a runtime table: only dtype, padded size and distribution make variants.

@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
 
 import accuracy  # noqa: E402
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 SEED_VARIABLE = "FASTSSL_TEST_SEED"
 
@@ -179,3 +180,19 @@ def kernel_backend(request):
         pytest.skip("the Triton interpreter is off (a CUDA device is present)")
     return backend, device
 
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns, allocations included (for tests
+    that no buffer of some size is ever created)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.shapes.add(tuple(value.shape))
+        return out

@@ -2,6 +2,7 @@
 
     python tests/stress.py --seeds 200                  # every accuracy test, seed indices 0..199
     python tests/stress.py --seeds 50 tests/test_soft_sort.py -k gradient
+    python tests/stress.py --seeds 200 --resume         # go on with a stopped run: only the seeds it lacks
     python tests/stress.py --summarize .stress          # tabulate the logs of a run (also a partial one)
     python tests/stress.py --readme                     # README's table from tests/stress.json
 
@@ -43,32 +44,52 @@ def pytest_command(selection: list[str], log: Path, *options: str) -> list[str]:
             f"--accuracy-log={log}", *options, *selection]
 
 
-def run(selection: list[str], seeds: int, jobs: int, out: Path) -> None:
+def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.jsonl"):
-        stale.unlink()
-    print("== seed index 0: every selected test, to find the accuracy tests", flush=True)
-    subprocess.run(pytest_command(selection, out / "seed0.jsonl"), cwd=REPO)
-    accuracy_tests = sorted({line["test"] for line in read_logs(out) if line["checks"]})
-    (out / "accuracy_tests.txt").write_text("\n".join(accuracy_tests) + "\n")
-    print(f"== {len(accuracy_tests)} accuracy tests, seed indices 1..{seeds - 1} in {jobs} processes", flush=True)
-    bounds = [1 + (seeds - 1) * job // jobs for job in range(jobs + 1)]
+    listed = out / "accuracy_tests.txt"
+    if not (resume and listed.exists()):
+        for stale in out.glob("*.jsonl"):
+            stale.unlink()
+        print("== seed index 0: every selected test, to find the accuracy tests", flush=True)
+        subprocess.run(pytest_command(selection, out / "seed0.jsonl"), cwd=REPO)
+        listed.write_text("\n".join(sorted({line["test"] for line in read_logs(out) if line["checks"]})) + "\n")
+    accuracy_tests = listed.read_text().splitlines()
+    seeds_run = defaultdict(set)
+    for line in read_logs(out):
+        seeds_run[line["test"]].add(line["seed_index"])
+    # A test is resumed from its lowest missing seed index: pytest runs a test's seeds in order.
+    missing = {test: min(set(range(seeds)) - seeds_run[test]) for test in accuracy_tests
+               if len(seeds_run[test] & set(range(seeds))) < seeds}
+    first = min(missing.values(), default=seeds)
+    if not missing:
+        print(f"== every accuracy test already has seed indices 0..{seeds - 1}", flush=True)
+        return
+    pending = out / "pending_tests.txt"
+    pending.write_text("\n".join(sorted(missing)) + "\n")
+    print(f"== {len(missing)} of {len(accuracy_tests)} accuracy tests, seed indices {first}..{seeds - 1} "
+          f"in {jobs} processes", flush=True)
+    bounds = [first + (seeds - first) * job // jobs for job in range(jobs + 1)]
+    attempt = len(list(out.glob("shard*.jsonl")))
     # One thread per process: more threads than cores make OpenMP's spinning workers crawl.
     environment = {**os.environ, "FASTSSL_TEST_THREADS": "1"}
-    processes = [subprocess.Popen(pytest_command(selection, out / f"shard{job}.jsonl",
-                                                 f"--tests-from={out / 'accuracy_tests.txt'}",
-                                                 f"--first-seed={first}", f"--seeds={last - first}"),
+    processes = [subprocess.Popen(pytest_command(selection, out / f"shard{attempt + job}.jsonl",
+                                                 f"--tests-from={pending}",
+                                                 f"--first-seed={low}", f"--seeds={high - low}"),
                                   cwd=REPO, stdout=subprocess.DEVNULL, env=environment)
-                 for job, (first, last) in enumerate(zip(bounds, bounds[1:])) if last > first]
+                 for job, (low, high) in enumerate(zip(bounds, bounds[1:])) if high > low]
     for process in processes:
         process.wait()
 
 
 def read_logs(out: Path) -> list[dict]:
-    lines = []
+    """Every logged test run, once per (test, seed index): a resumed run may repeat a seed."""
+    runs = {}
     for log in sorted(out.glob("*.jsonl")):
-        lines += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return lines
+        for text in log.read_text().splitlines():
+            if text.strip():
+                line = json.loads(text)
+                runs[line["test"], line["seed_index"]] = line
+    return list(runs.values())
 
 
 def worst_ratio(checks: list[dict]) -> tuple[float, str]:
@@ -133,6 +154,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=200, help="seed indices 0..N-1 (default 200)")
     parser.add_argument("--jobs", type=int, default=2, help="pytest processes for seeds 1..N-1 (default 2)")
     parser.add_argument("--out", type=Path, default=REPO / ".stress", help="logs and summary (default .stress/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the logs in --out and run only the seed indices each test still lacks")
     parser.add_argument("--summarize", type=Path, metavar="DIR", help="only tabulate the logs in DIR")
     parser.add_argument("--save", action="store_true",
                         help="also write tests/stress.{json,md} and the README's table (for a whole-suite run)")
@@ -144,7 +167,7 @@ def main() -> int:
         return 0
     out = args.summarize or args.out
     if not args.summarize:
-        run(selection, args.seeds, args.jobs, out)
+        run(selection, args.seeds, args.jobs, out, args.resume)
     rows = summarize(read_logs(out))
     (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "summary.md").write_text(test_table(rows) + "\n")

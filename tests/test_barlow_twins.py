@@ -4,9 +4,8 @@ import os
 import pytest
 import torch
 from accuracy import assert_accurate, assert_close, float32_baseline, output_rounding
-from conftest import kernel_devices
+from conftest import AllocationRecorder, kernel_devices
 from distributed import run_distributed
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl
 from fastssl.nn import BarlowTwinsLoss, VICRegLoss
@@ -101,21 +100,6 @@ def _autocast_official(z1, z2):
         off = c - torch.diag(torch.diagonal(c))
         return torch.diagonal(c).add(-1).pow(2).sum() + 0.0051 * off.pow(2).sum()
     return loss_and_grads(official, z1, z2)
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns, allocations included."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.shapes.add(tuple(value.shape))
-        return out
 
 
 @pytest.mark.parametrize("module", [BarlowTwinsLoss, VICRegLoss])

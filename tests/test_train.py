@@ -29,9 +29,9 @@ TINY = dict(image_size=16, global_crop_size=16, local_crop_size=8, local_crops=2
 
 def tiny_config(method, tmp_path, **overrides):
     values = dict(TINY, output_dir=str(tmp_path / method))
-    if method in ("swav", "barlow"):
+    if method in ("swav", "barlow", "simclr"):
         values.update(arch="resnet18")
-    if method == "barlow":
+    if method in ("barlow", "simclr"):
         values.update(local_crops=0)
     if method == "neco":
         values.update(neco_aligned_side=3, local_crops=1)  # sorting rows of 9 instead of NeCo's 49
@@ -39,7 +39,7 @@ def tiny_config(method, tmp_path, **overrides):
     return resolve_config(method, "tiny", **values)
 
 
-@pytest.mark.parametrize("method", ["dino", "dinov2", "swav", "barlow", "neco"])
+@pytest.mark.parametrize("method", ["dino", "dinov2", "swav", "barlow", "simclr", "neco"])
 def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
     result = train(tiny_config(method, tmp_path, max_steps=2, knn=method == "dino"))
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -53,7 +53,7 @@ def test_each_method_trains_a_few_steps_and_checkpoints(method, tmp_path):
         assert set(result.knn) == {0, 2} and all(0 <= a <= 100 for a in result.knn.values())
 
 
-@pytest.mark.parametrize("method", ["dino", "dinov2", "barlow"])
+@pytest.mark.parametrize("method", ["dino", "dinov2", "barlow", "simclr"])
 def test_kernels_off_runs_the_original_ops_to_the_same_losses(method, tmp_path):
     on = train(tiny_config(method, tmp_path / "on", max_steps=2))
     off = train(tiny_config(method, tmp_path / "off", max_steps=2, kernels=False))
@@ -102,6 +102,21 @@ def test_gloo_two_processes_match_one_process_and_resume(method, fsdp, tmp_path)
     assert len(load_checkpoint(str(tmp_path / "straight" / method / "checkpoint.pt"))["per_process"]) == 2
 
 
+def _simclr_on_two_processes(rank, world_size, tmp_path):
+    losses = [train(tiny_config("simclr", tmp_path / kernels, max_steps=2, kernels=kernels == "on")).losses
+              for kernels in ("on", "off")]
+    torch.save(losses, tmp_path / f"losses_{rank}.pt")
+
+
+def test_gloo_simclr_negatives_span_the_processes(tmp_path):
+    """NT-Xent over the global batch: the fused loss gathers the rows of both processes as the
+    eager original does (lightly's gather_distributed). On the CPU batch norm stays per
+    process, so two processes are compared with kernels on and off, not with one process."""
+    run_distributed(_simclr_on_two_processes, tmp_path, world_size=2)
+    on, off = torch.load(tmp_path / "losses_0.pt")
+    assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-4, atol=1e-4)
+
+
 def test_image_folder_data(tmp_path):
     from PIL import Image
 
@@ -129,7 +144,11 @@ def test_cli_train_and_bad_configs(tmp_path, capsys):
         assert main(["train", "dino", *bad]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "simclr"])
+        main(["train", "moco"])
+    with pytest.raises(ValueError, match="simclr uses two crops"):
+        resolve_config("simclr", local_crops=2)
+    with pytest.raises(ValueError, match="--simclr-temperature must be > 0"):
+        resolve_config("simclr", simclr_temperature=0.0)
     with pytest.raises(ValueError, match="smaller than the 4 processes"):
         validate(resolve_config("dino", batch_size=2), world_size=4)
     with pytest.raises(ValueError, match="trains a ViT"):

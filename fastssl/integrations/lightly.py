@@ -24,20 +24,21 @@ raises), and non-finite inputs raise ``ValueError`` where lightly returns NaN.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightly.models.modules.center import CENTER_MODE_TO_FUNCTION, Center, center_momentum
+from lightly.models.modules.memory_bank import MemoryBankModule
 from torch import Tensor, nn
 from torch.nn import PairwiseDistance
 
 import fastssl.nn
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
-from fastssl.distributed import ProcessGroup
+from fastssl.distributed import process_group_for
 from fastssl.integrations._patching import Patch
-from fastssl.ops import barlow_twins_loss, dino_cross_entropy, sinkhorn_knopp, vicreg_loss
+from fastssl.ops import barlow_twins_loss, dino_cross_entropy, info_nce, sinkhorn_knopp, vicreg_loss
 from fastssl.ops.vicreg import VARIANCE_EPS
 
 BATCH_NORM_EPS = 1e-5  # F.batch_norm's default, which lightly's BarlowTwinsLoss standardizes with
@@ -50,24 +51,6 @@ Views = Union[Sequence[Tensor], Tensor]
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-@functools.cache
-def _one_process_group() -> "dist.ProcessGroup":
-    # Standalone (nothing registered, no collective to create it): fastssl's ops read a
-    # group of size one as "no communication".
-    return dist.ProcessGroup(dist.HashStore(), 0, 1)
-
-
-def _reduction_group(gather_distributed: bool) -> ProcessGroup:
-    """The ``group`` for fastssl's ops that gives lightly's ``gather_distributed``.
-
-    Gathering: ``None``, which the ops read as the default group when torch.distributed is
-    initialized (lightly reduces over the default group too). Not gathering: lightly computes
-    per process, but the ops' ``None`` would reduce, so they get a one-process group."""
-    if gather_distributed or not _distributed():
-        return None
-    return _one_process_group()
 
 
 def _world_size() -> int:
@@ -336,7 +319,7 @@ def sinkhorn(out: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_dis
 def _codes(scores: Tensor, iterations: int, epsilon: float, gather_distributed: bool) -> Tensor:
     return sinkhorn_knopp(scores, eps=check_positive_float("epsilon", epsilon),
                           n_iters=check_positive_int("iterations", iterations),
-                          group=_reduction_group(gather_distributed))
+                          group=process_group_for(gather_distributed))
 
 
 class SwaVLoss(nn.Module):
@@ -466,7 +449,7 @@ class BarlowTwinsLoss(nn.Module):
                 "loss), or fastssl.nn.BarlowTwinsLoss for the loss of the global batch"
             )
         return barlow_twins_loss(z_a, z_b, lambd=self.lambda_param, eps=BATCH_NORM_EPS,
-                                 group=_reduction_group(False))
+                                 group=process_group_for(False))
 
 
 class VICRegLoss(nn.Module):
@@ -517,7 +500,7 @@ class VICRegLoss(nn.Module):
         )
         assert z_a.shape == z_b.shape, f"z_a and z_b must have same shape but found {z_a.shape} and {z_b.shape}."
         self._check_eps()
-        group = _reduction_group(self.gather_distributed)
+        group = process_group_for(self.gather_distributed)
         coefficients = (self.lambda_param, self.mu_param, self.nu_param)
         if z_a.dim() <= 2:
             return vicreg_loss(z_a, z_b, *coefficients, group=group)
@@ -526,11 +509,44 @@ class VICRegLoss(nn.Module):
                             for p in range(x.shape[1])]).mean()
 
 
+class NTXentLoss(nn.Module):
+    """lightly's ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)``
+    without a memory bank: SimCLR's NT-Xent through :func:`fastssl.ops.info_nce` (both views
+    normalized, every other row of both views a negative; with ``gather_distributed``, of
+    every rank, gradients flowing back to each), never forming the 2N x 2N logits. Keeps
+    lightly's ``memory_bank`` (a size-0 ``MemoryBankModule``), ``cross_entropy`` and ``eps``
+    attributes and state-dict keys. ``forward(out0, out1)`` -> scalar.
+
+    Differs from lightly: a memory bank (``memory_bank_size`` other than 0) raises
+    ``NotImplementedError`` (its MoCo-style loss is not served by the fused op), as does a
+    temperature <= 0 (lightly accepts negative ones); 16-bit inputs give a float32 loss;
+    non-finite inputs raise ``ValueError``.
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False):
+        super().__init__()
+        if memory_bank_size not in (0, (0,), [0]) and not (isinstance(memory_bank_size, Sequence)
+                                                           and memory_bank_size[0] == 0):
+            raise NotImplementedError(f"NTXentLoss with a memory bank (memory_bank_size={memory_bank_size}) is "
+                                      "not served by fastssl's fused loss; unpatch() for lightly's")
+        if gather_distributed and not dist.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available")
+        self.memory_bank = MemoryBankModule(size=memory_bank_size, gather_distributed=gather_distributed)
+        self.temperature = check_positive_float("temperature", temperature)
+        self.gather_distributed = gather_distributed
+        self.cross_entropy = nn.CrossEntropyLoss(reduction="mean")
+        self.eps = 1e-8
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return info_nce(F.normalize(out0, dim=1), F.normalize(out1, dim=1), self.temperature, symmetric=True,
+                        exclude_self=True, group=process_group_for(self.gather_distributed))
+
+
 # ----------------------------------------------------------------------------- patching
 
 _REPLACEMENTS = {
     "DINOLoss": DINOLoss, "SwaVLoss": SwaVLoss, "BarlowTwinsLoss": BarlowTwinsLoss,
-    "VICRegLoss": VICRegLoss, "IBOTPatchLoss": IBOTPatchLoss, "KoLeoLoss": KoLeoLoss,
+    "VICRegLoss": VICRegLoss, "IBOTPatchLoss": IBOTPatchLoss, "KoLeoLoss": KoLeoLoss, "NTXentLoss": NTXentLoss,
 }
 
 _PATCH = Patch({
@@ -541,6 +557,7 @@ _PATCH = Patch({
     "lightly.loss.vicreg_loss": {"VICRegLoss": VICRegLoss},
     "lightly.loss.ibot_loss": {"IBOTPatchLoss": IBOTPatchLoss},
     "lightly.loss.koleo_loss": {"KoLeoLoss": KoLeoLoss},
+    "lightly.loss.ntx_ent_loss": {"NTXentLoss": NTXentLoss},
 })
 
 

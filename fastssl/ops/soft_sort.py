@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastssl._checks import check_float_tensor
+from fastssl._checks import check_finite, check_float_tensor
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.ops._soft_sort_native import soft_sort_backward_native, soft_sort_forward_native, why_not_native
 from fastssl.reference.diffsort import (
@@ -426,11 +426,7 @@ _soft_sort_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def raise_if_not_finite(name: str, value: torch.Tensor) -> None:
-    """One synchronization, skipped under torch.compile and CUDA graph capture."""
-    if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf; a sorting network's output would be NaN")
+    check_finite(name, value, "a sorting network's output would be NaN")
 
 
 def check_sort_arguments(name: str, x, steepness, network, distribution, art_lambda) -> int:

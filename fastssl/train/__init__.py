@@ -1,6 +1,6 @@
-"""Reference trainers for DINO, SwAV, Barlow Twins and NeCo on fastssl.nn.
+"""Reference trainers for DINO, DINOv2, SwAV, Barlow Twins, SimCLR and NeCo on fastssl.nn.
 
-``fastssl train {dino,swav,barlow,neco} ...`` (or ``python -m fastssl.train``), or from Python::
+``fastssl train {dino,dinov2,swav,barlow,simclr,neco} ...`` (or ``python -m fastssl.train``), or from Python::
 
     from fastssl.train import resolve_config, train
     result = train(resolve_config("dino", preset="tiny", output_dir="runs/dino-tiny"))

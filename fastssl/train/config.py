@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-METHODS = ("dino", "dinov2", "swav", "barlow", "neco")
+METHODS = ("dino", "dinov2", "swav", "barlow", "simclr", "neco")
 VIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}  # dim, heads
 VIT_ARCH = re.compile(r"^vit_(tiny|small|base|large)(?:_patch(\d+))?(?:_reg(\d+))?$")
 RESNET_ARCHS = ("resnet18", "resnet50")
@@ -76,6 +76,7 @@ class TrainConfig:
     mask_probability: float = field(default=0.5, metadata={"help": "DINOv2: share of global crops masked"})
     mask_ratio: tuple = field(default=(0.1, 0.5), metadata={"help": "DINOv2: masked share of a masked crop"})
     barlow_lambda: float = 0.0051
+    simclr_temperature: float = field(default=0.5, metadata={"help": "SimCLR: NT-Xent temperature"})
     neco_queue_size: int = 8192
     neco_aligned_side: int = field(default=7, metadata={"help": "NeCo RoI-aligns each overlap to side x side patches"})
     neco_steepness: float = 100.0
@@ -128,6 +129,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "barlow": dict(arch="resnet50", optimizer="lars", lr=0.2, min_lr=2e-3, warmup_epochs=10, weight_decay=1.5e-6,
                    weight_decay_end=1.5e-6, clip_grad=0.0, out_dim=8192, head_hidden_dim=8192, local_crops=0,
                    global_crop_scale=(0.08, 1.0)),
+    # SimCLR's ResNet-50 recipe (Chen et al. 2020): LARS, lr 0.3 per 256 images, weight decay 1e-6,
+    # 10 warm-up epochs, projection 2048-128; tau 0.5 (lightly's default; SimCLR used 0.1 at batch 4096).
+    "simclr": dict(arch="resnet50", optimizer="lars", lr=0.3, min_lr=0.0, warmup_epochs=10, weight_decay=1e-6,
+                   weight_decay_end=1e-6, clip_grad=0.0, out_dim=128, head_hidden_dim=2048, local_crops=0,
+                   global_crop_scale=(0.08, 1.0)),
     "neco": dict(arch="vit_small_patch14", epochs=25, lr=4e-4, neco_backbone_lr=4e-5, min_lr=4e-6, warmup_epochs=0,
                  weight_decay=0.04,
                  weight_decay_end=0.5, momentum_teacher=0.9995, global_crop_size=518, local_crop_size=98,
@@ -158,6 +164,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      local_crop_scale=(0.1, 0.35)),
         "barlow": dict(_TINY_CROPS, arch="resnet18", out_dim=512, head_hidden_dim=512, lr=0.2,
                        global_crop_scale=(0.3, 1.0)),
+        # A lower temperature than SimCLR's 0.5: 63 negatives per row at batch 32, not 8191.
+        "simclr": dict(_TINY_CROPS, arch="resnet18", out_dim=128, head_hidden_dim=512, lr=0.3, epochs=3,
+                       simclr_temperature=0.2, global_crop_scale=(0.3, 1.0)),
         "neco": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, global_crop_size=32, local_crop_size=16,
                      local_crops=2, head_hidden_dim=256, head_bottleneck_dim=64, neco_queue_size=1024,
                      neco_steepness=20.0, lr=1e-3, neco_backbone_lr=1e-4),
@@ -178,7 +187,8 @@ NUMERIC_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
         "swav_epoch_queue_starts", "swav_freeze_prototypes_steps", "barlow_lambda", "neco_queue_size",
         "neco_backbone_lr", "checkpoint_every", "knn_every_epochs")},
     **{name: (0, None, False) for name in (
-        "lr", "teacher_temp", "warmup_teacher_temp", "swav_epsilon", "neco_steepness", "knn_temperature")},
+        "lr", "teacher_temp", "warmup_teacher_temp", "swav_epsilon", "simclr_temperature", "neco_steepness",
+        "knn_temperature")},
     "hue": (0, 0.5, True), "invert_probability": (0, 1, True), "drop_path": (0, 1, True),
     "ibot_loss_weight": (0, None, True), "koleo_loss_weight": (0, None, True), "mask_probability": (0, 1, True),
     "momentum_teacher": (0, 1, True), "neco_aligned_side": (2, None, True),
@@ -248,9 +258,9 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
                          "process needs at least one image")
     if config.batch_size % world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world_size} processes")
-    if config.method in ("swav", "barlow") and config.batch_size // world_size < 2:
+    if config.method in ("swav", "barlow", "simclr") and config.batch_size // world_size < 2:
         raise ValueError(f"{config.method} normalizes over the batch: use at least 2 images per process")
     if config.optimizer not in ("adamw", "lars", "sgd"):
         raise ValueError(f"unknown optimizer {config.optimizer!r}; expected adamw, lars or sgd")
-    if config.method == "barlow" and config.local_crops:
-        raise ValueError("Barlow Twins uses two crops: set --local-crops 0")
+    if config.method in ("barlow", "simclr") and config.local_crops:
+        raise ValueError(f"{config.method} uses two crops: set --local-crops 0")

@@ -95,7 +95,8 @@ def collapse_statistics(distribution: torch.Tensor) -> dict[str, float]:
 
 METHOD_CLASSES = {"dino": "fastssl.train.dino:DINO", "dinov2": "fastssl.train.dinov2:DINOv2",
                   "swav": "fastssl.train.swav:SwAV",
-                  "barlow": "fastssl.train.barlow:BarlowTwins", "neco": "fastssl.train.neco:NeCo"}
+                  "barlow": "fastssl.train.barlow:BarlowTwins", "simclr": "fastssl.train.simclr:SimCLR",
+                  "neco": "fastssl.train.neco:NeCo"}
 
 
 def build_method(config: TrainConfig, kernels: bool) -> Method:
