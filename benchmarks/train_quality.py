@@ -4,8 +4,9 @@ on the built-in dataset's held-out images at random init and at the end, the los
 first and last step, and the command's wall time.
 
     python benchmarks/train_quality.py                  # every method; writes results/cpu/train_quality.*
-    python benchmarks/train_quality.py --methods dino   # some of them
+    python benchmarks/train_quality.py --methods dino   # some of them; the others' rows are kept
     python benchmarks/train_quality.py --smoke          # 5 steps each, into a temporary directory
+    python benchmarks/train_quality.py --readme         # only the README's table, from results/cpu/
 
 Goal: every preset ends at least 5 points of kNN top-1 above its random init, and each whole
 command takes at most 8 minutes on a 2-core CPU.
@@ -24,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastssl.benchmark import replace_marked_section
 from fastssl.train.config import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- train-quality:begin -->", "<!-- train-quality:end -->"
 GOAL_POINTS, GOAL_SECONDS = 5.0, 8 * 60
 
 
@@ -49,40 +53,60 @@ def run_preset(method: str, output: Path, smoke: bool) -> dict:
 
 
 def markdown(document: dict) -> str:
-    lines = ["# Tiny presets on the CPU: do they learn?", "",
-             f"`fastssl train <method> --preset tiny` on {document['machine']}, commit {document['commit']}, "
-             f"{document['date']}. Goal: kNN top-1 at least {GOAL_POINTS:g} points above random init, whole "
-             f"command at most {GOAL_SECONDS // 60} minutes.", "",
-             "| method | steps | kNN top-1 random init -> end | gain | loss start -> end | wall time | goal met |",
-             "|---|---:|---|---:|---|---:|---|"]
+    return "\n".join(["# Tiny presets on the CPU: do they learn?", "", table(document)]) + "\n"
+
+
+def table(document: dict) -> str:
+    lines = [f"`fastssl train <method> --preset tiny` on {document['machine']}. Goal: kNN top-1 at least "
+             f"{GOAL_POINTS:g} points above random init, whole command at most {GOAL_SECONDS // 60} minutes.", "",
+             "| method | steps | kNN top-1 random init -> end | gain | loss start -> end | wall time | goal met | "
+             "commit |", "|---|---:|---|---:|---|---:|---|---|"]
     for row in document["runs"]:
         met = "yes" if row["learns"] and row["within_time"] else "**no**"
         lines.append(f"| {row['method']} | {row['steps']} | {row['knn_random_init']:.1f}% -> {row['knn_end']:.1f}% "
                      f"| {row['knn_gain']:+.1f} | {row['loss_start']:.3g} -> {row['loss_end']:.3g} | "
-                     f"{row['seconds']:.0f} s | {met} |")
-    return "\n".join(lines) + "\n"
+                     f"{row['seconds']:.0f} s | {met} | {row['commit']} |")
+    return "\n".join(lines)
+
+
+def with_earlier_rows(runs: list[dict]) -> list[dict]:
+    """These runs, and the committed rows of the methods not run now (each row names its commit)."""
+    path = RESULTS / "train_quality.json"
+    earlier = json.loads(path.read_text())["runs"] if path.exists() else []
+    ran = {row["method"] for row in runs}
+    rows = [row for row in earlier if row["method"] not in ran and row["method"] in METHODS] + runs
+    return sorted(rows, key=lambda row: METHODS.index(row["method"]))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--smoke", action="store_true", help="5 steps per method, results to a temporary directory")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the README's table from "
+                                                              "results/cpu/train_quality.json")
     args = parser.parse_args()
+    if args.readme:
+        document = json.loads((RESULTS / "train_quality.json").read_text())
+        print("README.md updated" if replace_marked_section(README, BEGIN, END, table(document))
+              else "README.md already current")
+        return 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="fastssl-train-quality-") as work:
         runs = []
         for method in args.methods:
-            runs.append(run_preset(method, Path(work) / method, args.smoke))
+            runs.append(dict(run_preset(method, Path(work) / method, args.smoke), commit=commit, date=date))
             print(f"{method}: kNN {runs[-1]['knn_random_init']:.1f}% -> {runs[-1]['knn_end']:.1f}%, "
                   f"{runs[-1]['seconds']:.0f} s", flush=True)
     document = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                    commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    smoke=args.smoke, runs=runs)
+                    smoke=args.smoke, runs=runs if args.smoke else with_earlier_rows(runs))
     out = Path(tempfile.mkdtemp(prefix="fastssl-train-quality-smoke-")) if args.smoke else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_quality.json").write_text(json.dumps(document, indent=2) + "\n")
     (out / "train_quality.md").write_text(markdown(document))
+    if not args.smoke and {row["method"] for row in document["runs"]} == set(METHODS):
+        replace_marked_section(README, BEGIN, END, table(document))
     print(f"wrote {out / 'train_quality'}.json/.md")
     return 0 if args.smoke or all(row["learns"] and row["within_time"] for row in runs) else 1
 

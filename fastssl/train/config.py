@@ -43,6 +43,7 @@ class TrainConfig:
         "help": "vit_{tiny,small,base,large}[_patchN][_regN] (timm) or resnet18/resnet50 (torchvision)"})
     depth: int = field(default=12, metadata={"help": "ViT blocks"})
     drop_path: float = 0.1
+    layer_scale: float = field(default=0.0, metadata={"help": "ViT LayerScale's initial value (0: no LayerScale)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "backbone checkpoint path (NeCo: DINOv2 ViT)"})
     out_dim: int = field(default=65536, metadata={"help": "DINO prototypes / SwAV prototypes / Barlow projector"})
     head_hidden_dim: int = 2048
@@ -119,8 +120,8 @@ class TrainConfig:
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino": {},
     # DINOv2's ViT-L/14 recipe (ssl_default_config and vitl14 configs): layer scale, 10 crops.
-    "dinov2": dict(arch="vit_large_patch14", depth=24, drop_path=0.4, lr=4e-3, warmup_epochs=10, min_lr=1e-6,
-                   weight_decay=0.04, weight_decay_end=0.2, teacher_temp=0.07, warmup_teacher_temp=0.04,
+    "dinov2": dict(arch="vit_large_patch14", depth=24, drop_path=0.4, layer_scale=1e-5, lr=4e-3, warmup_epochs=10,
+                   min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.2, teacher_temp=0.07, warmup_teacher_temp=0.04,
                    warmup_teacher_temp_epochs=30, momentum_teacher=0.992, global_crop_size=224, local_crop_size=98,
                    global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), head_hidden_dim=2048),
     "swav": dict(arch="resnet50", optimizer="lars", lr=0.3, min_lr=3e-4, warmup_epochs=0, weight_decay=1e-6,
@@ -138,7 +139,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
                  weight_decay=0.04,
                  weight_decay_end=0.5, momentum_teacher=0.9995, global_crop_size=518, local_crop_size=98,
                  local_crops=4, global_crop_scale=(0.25, 1.0), local_crop_scale=(0.05, 0.25), drop_path=0.0,
-                 head_bottleneck_dim=256),
+                 head_bottleneck_dim=256, layer_scale=1e-5),
 }
 
 # Small enough to train on a laptop CPU in minutes, on the built-in 32-px dataset.
@@ -154,7 +155,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      global_crop_scale=(0.5, 1.0), local_crop_scale=(0.25, 0.5), weight_decay_end=0.1, hue=0.0,
                      workers=0),
         # DINO's tiny preset with DINOv2's additions: layer scale, masked global crops, iBOT, KoLeo.
-        "dinov2": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, drop_path=0.0, out_dim=1024,
+        # LayerScale starts at 1, not DINOv2's 1e-5: from 1e-5 a randomly initialized network
+        # gives every image nearly the same features (random-init kNN at chance), the centered
+        # targets are uniform and this short run never leaves them.
+        "dinov2": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, drop_path=0.0, out_dim=1024, layer_scale=1.0,
                        head_hidden_dim=512, head_bottleneck_dim=128, local_crops=4, epochs=6, lr=2e-3,
                        teacher_temp=0.02, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=0,
                        momentum_teacher=0.996, global_crop_scale=(0.5, 1.0), local_crop_scale=(0.25, 0.5),
@@ -169,9 +173,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # A lower temperature than SimCLR's 0.5: 63 negatives per row at batch 32, not 8191.
         "simclr": dict(_TINY_CROPS, arch="resnet18", out_dim=128, head_hidden_dim=512, lr=0.3, epochs=3,
                        simclr_temperature=0.2, global_crop_scale=(0.3, 1.0)),
-        "neco": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, global_crop_size=32, local_crop_size=16,
-                     local_crops=2, head_hidden_dim=256, head_bottleneck_dim=64, neco_queue_size=1024,
-                     neco_steepness=20.0, lr=1e-3, neco_backbone_lr=1e-4),
+        "neco": dict(_TINY_CROPS, arch="vit_tiny_patch8", depth=4, layer_scale=1.0, global_crop_size=32,
+                     local_crop_size=16, local_crops=2, head_hidden_dim=256, head_bottleneck_dim=64,
+                     neco_queue_size=1024, neco_steepness=20.0, lr=1e-3, neco_backbone_lr=1e-4),
     },
 }
 
@@ -191,7 +195,8 @@ NUMERIC_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     **{name: (0, None, False) for name in (
         "lr", "teacher_temp", "warmup_teacher_temp", "swav_epsilon", "simclr_temperature", "neco_steepness",
         "knn_temperature")},
-    "hue": (0, 0.5, True), "invert_probability": (0, 1, True), "drop_path": (0, 1, True),
+    "hue": (0, 0.5, True), "layer_scale": (0, None, True), "invert_probability": (0, 1, True),
+    "drop_path": (0, 1, True),
     "ibot_loss_weight": (0, None, True), "koleo_loss_weight": (0, None, True), "mask_probability": (0, 1, True),
     "momentum_teacher": (0, 1, True), "neco_aligned_side": (2, None, True),
 }

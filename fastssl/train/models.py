@@ -28,7 +28,7 @@ def build_vit(config: TrainConfig) -> nn.Module:
         num_heads=heads, num_classes=0, reg_tokens=registers, dynamic_img_size=True,
         drop_path_rate=config.drop_path,
         # DINOv2 ViTs (also NeCo's starting point) use LayerScale; DINO's do not.
-        init_values=1e-5 if config.method in ("dinov2", "neco") else None,
+        init_values=config.layer_scale or None,
     )
     if config.method == "dinov2":  # iBOT's masked patches take it (DINOv2's name and shape)
         vit.mask_token = nn.Parameter(torch.zeros(1, width))
