@@ -43,13 +43,18 @@ def weighted_knn_predict(train_features, train_labels, test_features, n_classes:
 
 @torch.no_grad()
 def knn_accuracy(backbone: nn.Module, train_set: Dataset, test_set: Dataset, transform, device: torch.device,
-                 n_classes: int, k: int = 20, temperature: float = 0.07) -> float:
-    """Top-1 accuracy (%) of weighted kNN on ``backbone.features`` (eval mode, restored after)."""
+                 n_classes: int, k: int = 20, temperature: float = 0.07, pooling: str = "cls") -> float:
+    """Top-1 accuracy (%) of weighted kNN on ``backbone.features(images, pooling)`` (eval mode,
+    restored after)."""
     was_training = backbone.training
     backbone.eval()
+
+    def encode(images):
+        return backbone.features(images, pooling)
+
     try:
-        train_features, train_labels = extract_features(backbone.features, train_set, transform, device)
-        test_features, test_labels = extract_features(backbone.features, test_set, transform, device)
+        train_features, train_labels = extract_features(encode, train_set, transform, device)
+        test_features, test_labels = extract_features(encode, test_set, transform, device)
     finally:
         backbone.train(was_training)
     predicted = weighted_knn_predict(train_features, train_labels, test_features, n_classes, k, temperature)

@@ -213,7 +213,8 @@ class _Trainer:
         with gathered(network, self.runtime):
             accuracy = knn_accuracy(self.method.evaluation_backbone(), train_set, test_set,
                                     evaluation_transform(self.config.image_size), self.device,
-                                    len(train_set.classes), self.config.knn_k, self.config.knn_temperature)
+                                    len(train_set.classes), self.config.knn_k, self.config.knn_temperature,
+                                    self.method.knn_pooling)
         result.knn[step] = accuracy
         if self.runtime.is_main:
             self.log.write(dict(step=step, epoch=step // self.steps_per_epoch, knn_top1=accuracy), step)

@@ -61,6 +61,9 @@ class Method:
             ema_update(self.teacher, unwrap(self.student), momentum)
 
     # evaluation
+    # What kNN evaluates of a ViT: the CLS token, or the mean patch token for dense methods.
+    knn_pooling = "cls"
+
     def evaluation_backbone(self) -> MultiCropBackbone:
         """The backbone whose features kNN evaluates: the teacher's when there is one."""
         return (self.teacher if self.teacher is not None else unwrap(self.student)).backbone

@@ -98,10 +98,13 @@ class MultiCropBackbone(nn.Module):
         vit = self.backbone  # timm's forward_features, with the masks applied to the patch embeddings
         return [vit.norm(vit.blocks(embed_tokens(vit, images, mask))) for images, mask in zip(groups, masks)]
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C) image features for evaluation: the CLS token of a ViT, pooled ResNet features."""
+    def features(self, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+        """(B, C) image features for evaluation: pooled ResNet features; of a ViT, the CLS
+        token (``pooling="cls"``) or the mean of the patch tokens (``"patches"``)."""
         out = self.forward([images])[0]
-        return out[:, 0] if self.is_vit else out
+        if not self.is_vit:
+            return out
+        return out[:, 0] if pooling == "cls" else out[:, self.prefix_tokens:].mean(1)
 
 
 def crop_groups(crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,6 +66,7 @@ def box_in_crop(box: torch.Tensor, crop_box: torch.Tensor, flipped: torch.Tensor
 
 class NeCo(Method):
     collate = staticmethod(collate_neco)
+    knn_pooling = "patches"  # NeCo trains the patch tokens; its loss never reaches the CLS token
 
     def __init__(self, config: TrainConfig, kernels: bool):
         super().__init__(config, kernels)
