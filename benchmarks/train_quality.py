@@ -46,7 +46,7 @@ def run_preset(method: str, output: Path, smoke: bool) -> dict:
     knn = {record["step"]: record["knn_top1"] for record in records if "knn_top1" in record}
     warnings = [record["warning"] for record in records if "warning" in record]
     start_knn, end_knn = knn[min(knn)], knn[max(knn)]
-    return dict(method=method, steps=losses[-1]["step"], seconds=seconds, loss_start=losses[0]["loss"],
+    return dict(method=method, steps=max(knn), seconds=seconds, loss_start=losses[0]["loss"],
                 loss_end=losses[-1]["loss"], knn_random_init=start_knn, knn_end=end_knn,
                 knn_gain=end_knn - start_knn, learns=end_knn - start_knn >= GOAL_POINTS,
                 within_time=seconds <= GOAL_SECONDS, warnings=warnings)
