@@ -11,11 +11,11 @@ similarities from the rows and that log-sum-exp. Semantics: :mod:`fastssl.refere
 Kernels (M query rows, N keys gathered over the ranks, D features, e-byte inputs; tiles of
 BLOCK_M x BLOCK_N similarities, all D features of a row at once):
 
-- ``_forward_kernel``: grid (M / BLOCK_M,). Streams the keys (and, for NT-Xent, the query
+- ``_info_nce_forward_kernel``: grid (M / BLOCK_M,). Streams the keys (and, for NT-Xent, the query
   view's own gathered rows, the row itself left out) past a block of queries: ``2 M N D``
   FLOPs per key set; reads the queries once and the keys once per query block (from L2 after
   the first), writes two floats per query row (log-sum-exp and the positive's logit).
-- ``_grad_rows_kernel``: the gradient of one side. For queries (grid over query blocks):
+- ``_info_nce_grad_rows_kernel``: the gradient of one side. For queries (grid over query blocks):
   ``sum_j (p_ij - [j positive]) k_j``; for keys or the own-view rows (grid over their blocks):
   ``sum_i (p_ij - [j positive of i]) q_i``, with ``p_ij = exp(s_ij - lse_i)``. Each recomputes
   the similarities (``2 M N D``) and multiplies (``2 M N D``): ``4 M N D`` per key set and
@@ -86,7 +86,7 @@ def _online_update(maximum, total, s):
 
 
 @triton.jit
-def _forward_kernel(
+def _info_nce_forward_kernel(
     q_ptr, k_ptr, n_ptr, lse_ptr, positive_ptr,
     M, N, D, row_offset, scale2, stride_q, stride_k, stride_n,
     HAS_OWN_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -119,7 +119,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_rows_kernel(
+def _info_nce_grad_rows_kernel(
     out_ptr, a_ptr, b_ptr, lse_ptr,
     M, N, D, row_offset, scale2, stride_a, stride_b, stride_out,
     ROWS_ARE_QUERIES: tl.constexpr, OWN_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -165,15 +165,18 @@ def _grad_rows_kernel(
 
 def launch_shape(D: int) -> dict:
     """Features and warps: all D features of a row in one tile, 8 warps from D = 256 (fewer
-    registers per thread for the row tiles). Similarity tiles are 64 x 64, and 32 x 32 in
-    the gradient kernels from D = 256, whose (rows, D) float32 accumulator would otherwise
-    spill registers on sm_90 (tests/compile_kernels.py)."""
+    registers per thread for the row tiles)."""
     block_d = max(16, triton.next_power_of_2(D))
     return dict(BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4)
 
 
-def gradient_block(D: int) -> int:
-    return 32 if D > 128 else 64
+def row_block(D: int, dtype: torch.dtype, gradient: bool) -> int:
+    """Rows per tile. 16-bit: 64, and 32 in the gradient kernels from D = 256, whose (rows, D)
+    float32 accumulator would otherwise spill registers on sm_90. float32 rows take twice
+    the registers of 16-bit ones and multiply without wgmma: half those tiles, and from
+    D = 256 in the forward too. (Resources per configuration: tests/compile_kernels.py.)"""
+    block = 32 if (gradient or dtype == torch.float32) and D > 128 else 64
+    return block // 2 if dtype == torch.float32 else block
 
 
 def _options(x: torch.Tensor) -> dict:
@@ -185,12 +188,12 @@ def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
     N = keys.shape[0]
     lse = torch.empty(M, dtype=torch.float32, device=query.device)
     positive = torch.empty_like(lse)
-    block_m = 64
-    _forward_kernel[(triton.cdiv(M, block_m),)](
+    block_m = row_block(D, query.dtype, gradient=False)
+    _info_nce_forward_kernel[(triton.cdiv(M, block_m),)](
         query, keys, keys if own_view is None else own_view, lse, positive,
         M, N, D, row_offset, LOG2_E / temperature, query.stride(0), keys.stride(0),
         keys.stride(0) if own_view is None else own_view.stride(0),
-        HAS_OWN_VIEW=own_view is not None, BLOCK_M=block_m, BLOCK_N=64, **launch_shape(D), **_options(query),
+        HAS_OWN_VIEW=own_view is not None, BLOCK_M=block_m, BLOCK_N=block_m, **launch_shape(D), **_options(query),
     )
     return lse, positive
 
@@ -198,10 +201,10 @@ def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
 def _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries: bool, own_view: bool):
     D = rows.shape[1]
     out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    block = gradient_block(D)
-    _grad_rows_kernel[(triton.cdiv(rows.shape[0], block),)](
+    block = row_block(D, rows.dtype, gradient=True)
+    _info_nce_grad_rows_kernel[(triton.cdiv(rows.shape[0], block),)](
         out, rows, other, lse, M, N, D, row_offset, LOG2_E / temperature, rows.stride(0), other.stride(0),
-        out.stride(0), ROWS_ARE_QUERIES=rows_are_queries, OWN_VIEW=own_view, BLOCK_A=block, BLOCK_B=gradient_block(D),
+        out.stride(0), ROWS_ARE_QUERIES=rows_are_queries, OWN_VIEW=own_view, BLOCK_A=block, BLOCK_B=block,
         **launch_shape(D), **_options(rows),
     )
     return out

@@ -61,4 +61,5 @@ class SimCLR(Method):
     def loss(self, student, crops, epoch, step):
         z1, z2 = student(crops)
         with record_function(LOSS):
-            return self.loss_module(z1.float(), z2.float())
+            # In autocast's dtype, as eager losses' matmuls run under autocast (float32 accumulation).
+            return self.loss_module(z1, z2)
