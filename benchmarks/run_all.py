@@ -24,6 +24,7 @@ REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 NO_RESULTS = "No GPU numbers have been taken yet."
+SHOWN_ELSEWHERE = {"train_quality.md"}  # train_quality.py's table, in the README's trainer section
 
 
 def scripts() -> list[Path]:
@@ -47,7 +48,7 @@ def results_markdown() -> str:
     """Every stored table, one subsection per device and op, or a sentence when none exist."""
     sections = []
     for device in sorted(path for path in RESULTS.glob("*") if path.is_dir() and path.name != "smoke-cpu"):
-        for table in sorted(device.glob("*.md")):
+        for table in sorted(path for path in device.glob("*.md") if path.name not in SHOWN_ELSEWHERE):
             body = table.read_text().strip().splitlines()
             title = body[0].lstrip("# ") if body and body[0].startswith("#") else table.stem
             sections.append("\n".join([f"#### {title}", *body[1:]]))
