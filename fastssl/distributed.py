@@ -73,6 +73,16 @@ def all_reduce_logsumexp(lse: torch.Tensor, group: ProcessGroup, *, base2: bool 
     return shift + log(total)
 
 
+def gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """All ranks' rows of (N_local, ...) ``x``, in rank order (``x`` itself in one process);
+    no autograd (see :func:`all_gather_rows`)."""
+    if group is None:
+        return x
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
 class _AllGatherRows(torch.autograd.Function):
     """Rows of every rank, in rank order; the backward hands each rank the gradient of its own
     rows summed over the ranks (each rank's loss used everyone's rows)."""
@@ -80,9 +90,7 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
+        return gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

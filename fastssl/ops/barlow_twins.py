@@ -53,7 +53,7 @@ import triton.language as tl
 
 from fastssl._checks import check_float_tensor, check_positive_float
 from fastssl.backend import select_backend, triton_interpreter_enabled
-from fastssl.distributed import ProcessGroup, resolve_group
+from fastssl.distributed import ProcessGroup, gather_rows, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
 from fastssl.ops.triton_math import mma
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
@@ -300,15 +300,6 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, group=group)
     return tensor
-
-
-def gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """All ranks' rows of (N_local, D) ``x``, in rank order (``x`` itself in one process)."""
-    if group is None:
-        return x
-    out = x.new_empty((x.shape[0] * dist.get_world_size(group), x.shape[1]))
-    dist.all_gather_into_tensor(out, x, group=group)
-    return out
 
 
 def global_mean_var(z: torch.Tensor, group: ProcessGroup, n_global: int):

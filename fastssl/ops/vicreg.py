@@ -36,13 +36,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastssl.backend import select_backend
-from fastssl.distributed import ProcessGroup
+from fastssl.distributed import ProcessGroup, gather_rows
 from fastssl.ops.barlow_twins import (
     all_reduce,
     check_matmul,
     check_view_pair,
     cross_correlation,
-    gather_rows,
     global_mean_var,
     gram_pair,
     raise_if_not_finite,
