@@ -173,7 +173,7 @@ def test_bad_arguments(backend, make, kwargs, error, message):
 def test_non_finite_scores_raise(backend, bad_value, shape):
     scores = make_scores(shape, torch.float32, "cpu")
     scores[2, 5] = bad_value
-    with pytest.raises(ValueError, match="scores contains NaN or \\+inf"):
+    with pytest.raises(ValueError, match="scores contains NaN or Inf"):
         run(backend, scores, 0.05, 3)
 
 

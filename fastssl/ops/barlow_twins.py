@@ -51,7 +51,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from fastssl._checks import check_float_tensor, check_positive_float
+from fastssl._checks import check_finite, check_float_tensor, check_positive_float
 from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, gather_rows, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
@@ -318,8 +318,7 @@ def raise_if_not_finite(**column_statistics: torch.Tensor) -> None:
     """A NaN or infinity anywhere in a column makes its statistic non-finite: one check on
     (D,) vectors (and one synchronization) covers the whole input, before any matmul."""
     for name, statistic in column_statistics.items():
-        if not bool(torch.isfinite(statistic).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
+        check_finite(name, statistic)
 
 
 def standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):

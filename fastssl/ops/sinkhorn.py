@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastssl import _native
-from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
+from fastssl._checks import check_finite, check_float_tensor, check_positive_float, check_positive_int
 from fastssl.backend import Reason, select_backend
 from fastssl.distributed import (
     ProcessGroup,
@@ -400,15 +400,9 @@ def _output_dtype(dtype: torch.dtype) -> torch.dtype:
 def _raise_if_not_finite(lse_b: torch.Tensor) -> None:
     # A NaN or +inf anywhere in the scores (or a prototype column that is -inf for every
     # sample, where the original divides 0 by 0) makes every sample's normalizer
-    # non-finite, so this small vector tells about the whole input. It costs one
-    # synchronization, skipped while a CUDA graph is being captured.
-    if lse_b.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if not bool(torch.isfinite(lse_b).all()):
-        raise ValueError(
-            "sinkhorn_knopp: scores contains NaN or +inf (or a prototype whose scores are all "
-            "-inf); the original would return NaN"
-        )
+    # non-finite, so this small vector tells about the whole input.
+    check_finite("scores", lse_b, "a NaN or +inf score, or a prototype whose scores are all -inf, "
+                                  "makes the original return NaN")
 
 
 @torch.library.custom_op("fastssl::sinkhorn_knopp", mutates_args=())
@@ -478,8 +472,7 @@ def sinkhorn_knopp(
         return _sinkhorn_knopp_op(scores, eps, n_iters, group_name(group), backend)
     with torch.no_grad():
         q, lse_b = sinkhorn_knopp_log_domain(scores, eps, n_iters, group)
-    if not torch.compiler.is_compiling():
-        _raise_if_not_finite(lse_b)
+    _raise_if_not_finite(lse_b)
     return q
 
 

@@ -4,7 +4,6 @@ to the identity."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
@@ -12,7 +11,7 @@ from fastssl.nn import BarlowTwinsLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import Method
+from fastssl.train.method import Method, gather_global_batch
 from fastssl.train.models import MultiCropBackbone, backbone_width, build_backbone, mlp
 
 
@@ -41,10 +40,9 @@ class OriginalBarlowTwinsLoss(nn.Module):
         self.lambd = lambd
 
     def forward(self, z1, z2):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn import all_gather
-
-            z1, z2 = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
+        gathered = gather_global_batch(z1, z2)
+        if gathered is not None:
+            z1, z2 = gathered
         return barlow_twins_loss_original(z1, z2, self.lambd)
 
 

@@ -12,12 +12,23 @@ import math
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fastssl.train.config import TrainConfig
 from fastssl.train.data import MultiCropAugmentation, collate_crops
 from fastssl.train.models import MultiCropBackbone, ema_update, unwrap
 from fastssl.train.optim import split_decay
+
+
+def gather_global_batch(*tensors: torch.Tensor) -> Optional[tuple[torch.Tensor, ...]]:
+    """Each tensor's rows from every process in rank order, with autograd (torch.distributed.nn),
+    as the eager baselines gather their embeddings; None in a single process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from torch.distributed.nn import all_gather
+
+    return tuple(torch.cat(all_gather(tensor)) for tensor in tensors)
 
 
 class Method:

@@ -12,7 +12,7 @@ from fastssl.nn import NTXentLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.info_nce import ntxent_loss_original
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import Method
+from fastssl.train.method import Method, gather_global_batch
 from fastssl.train.models import MultiCropBackbone, backbone_width, build_backbone, crop_groups, mlp
 
 
@@ -26,11 +26,9 @@ class OriginalNTXentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, z1, z2):
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        gathered = gather_global_batch(z1, z2)
+        if gathered is None:
             return ntxent_loss_original(z1, z2, self.temperature)
-        from torch.distributed.nn import all_gather
-
-        gathered = torch.cat(all_gather(z1)), torch.cat(all_gather(z2))
         return ntxent_loss_original(z1, z2, self.temperature, gathered, dist.get_rank() * z1.shape[0])
 
 
