@@ -8,6 +8,7 @@ it before each test and logs it with ``--accuracy-log``), so that tests/stress.p
 how close each bound comes to failing over many seeds.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -67,6 +68,17 @@ REDUCTIONS = {"mm": _inner_dimension(0), "bmm": _inner_dimension(0), "addmm": _i
               "sum": _reduced_count, "mean": _reduced_count}
 
 
+UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2  # 2^-24, float32's: round-to-nearest errs by at most this, relative
+
+
+@functools.cache
+def _rounding_deltas(seed: int, count: int) -> torch.Tensor:
+    """``count`` deltas uniform in [-u, u], the same for a seed on every call. Cached: drawing a
+    million of them takes longer than many a simulated run (read only, never written)."""
+    generator = torch.Generator().manual_seed(seed)
+    return UNIT_ROUNDOFF * (2 * torch.rand(count, dtype=torch.float64, generator=generator) - 1)
+
+
 class SimulatedRounding(TorchDispatchMode):
     """Run float64 code as if in float32 with randomized rounding. The result of every
     operation that rounds (arithmetic, reductions, matmuls, transcendentals; not views,
@@ -79,14 +91,11 @@ class SimulatedRounding(TorchDispatchMode):
     same algorithm, with the same amplification of each rounding by the operations after it,
     the backward included when it runs inside."""
 
-    unit_roundoff = 2.0 ** -24
-    pool_size = 1 << 20  # deltas drawn once per run and used in turn (drawing per operation costs more)
+    pool_size = 1 << 20  # deltas drawn once per seed and used in turn (drawing per operation costs more)
 
     def __init__(self, seed: int):
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.deltas = self.unit_roundoff * (2 * torch.rand(self.pool_size, dtype=torch.float64, generator=generator)
-                                            - 1)
+        self.deltas = _rounding_deltas(seed, self.pool_size)
         self.next = 0
 
     def _factor(self, value, scale: float = 1.0):

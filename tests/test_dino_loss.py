@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import assert_accurate, assert_close, float32_baseline, output_rounding
+from accuracy import UNIT_ROUNDOFF, assert_accurate, assert_close, float32_baseline, output_rounding
 from conftest import kernel_devices
 
 import fastssl
@@ -30,8 +30,6 @@ def reference_fn(teacher, S, T, teacher_temp, center, pairs, weights):
         return loss
     return fn
 
-
-UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2
 
 # (student crops, teacher crops, images, K)
 SHAPES = [(2, 2, 1, 7), (10, 2, 3, 1000), (4, 2, 5, 257), (3, 1, 2, 5000), (1, 1, 37, 50)]
