@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
     print(f"== {len(missing)} of {len(accuracy_tests)} accuracy tests, seed indices {first}..{seeds - 1} "
           f"in {jobs} processes", flush=True)
     bounds = [first + (seeds - first) * job // jobs for job in range(jobs + 1)]
-    attempt = len(list(out.glob("shard*.jsonl")))
+    # New logs never overwrite old ones: numbered after the highest shard number in use.
+    numbers = [int(match[1]) for log in out.glob("shard*.jsonl") if (match := re.match(r"shard(\d+)", log.name))]
+    attempt = 1 + max(numbers, default=-1)
     # One thread per process: more threads than cores make OpenMP's spinning workers crawl.
     environment = {**os.environ, "FASTSSL_TEST_THREADS": "1"}
     processes = [subprocess.Popen(pytest_command(selection, out / f"shard{attempt + job}.jsonl",
