@@ -45,6 +45,14 @@ def pytest_command(selection: list[str], log: Path, *options: str) -> list[str]:
             f"--accuracy-log={log}", *options, *selection]
 
 
+def in_selected_files(test: str, selection: list[str]) -> bool:
+    """Whether ``test`` (a node id) is in the selection's test files or folders (every test if
+    it names none), so that seeds other files lack are not rerun for these."""
+    paths = [path for argument in selection if (path := (REPO / argument.split("::")[0]).resolve()).exists()]
+    test_file = (REPO / test.split("::")[0]).resolve()
+    return not paths or any(test_file == path or path in test_file.parents for path in paths)
+
+
 def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     listed = out / "accuracy_tests.txt"
@@ -54,7 +62,7 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
         print("== seed index 0: every selected test, to find the accuracy tests", flush=True)
         subprocess.run(pytest_command(selection, out / "seed0.jsonl"), cwd=REPO)
         listed.write_text("\n".join(sorted({line["test"] for line in read_logs(out) if line["checks"]})) + "\n")
-    accuracy_tests = listed.read_text().splitlines()
+    accuracy_tests = [test for test in listed.read_text().splitlines() if in_selected_files(test, selection)]
     seeds_run = defaultdict(set)
     for line in read_logs(out):
         seeds_run[line["test"]].add(line["seed_index"])
