@@ -45,24 +45,33 @@ def pytest_command(selection: list[str], log: Path, *options: str) -> list[str]:
             f"--accuracy-log={log}", *options, *selection]
 
 
-def in_selected_files(test: str, selection: list[str]) -> bool:
-    """Whether ``test`` (a node id) is in the selection's test files or folders (every test if
-    it names none), so that seeds other files lack are not rerun for these."""
-    paths = [path for argument in selection if (path := (REPO / argument.split("::")[0]).resolve()).exists()]
-    test_file = (REPO / test.split("::")[0]).resolve()
-    return not paths or any(test_file == path or path in test_file.parents for path in paths)
+def collected_tests(selection: list[str]) -> set[str]:
+    """The ids pytest collects for ``selection`` now (a renamed parametrization drops its old id)."""
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              f"--rootdir={REPO}", *selection], cwd=REPO, capture_output=True, text=True)
+    return {line.strip() for line in listing.stdout.splitlines() if "::" in line}
 
 
 def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     listed = out / "accuracy_tests.txt"
+    selected = collected_tests(selection)
     if not (resume and listed.exists()):
         for stale in out.glob("*.jsonl"):
             stale.unlink()
         print("== seed index 0: every selected test, to find the accuracy tests", flush=True)
         subprocess.run(pytest_command(selection, out / "seed0.jsonl"), cwd=REPO)
-        listed.write_text("\n".join(sorted({line["test"] for line in read_logs(out) if line["checks"]})) + "\n")
-    accuracy_tests = [test for test in listed.read_text().splitlines() if in_selected_files(test, selection)]
+    else:
+        # Tests added (or renamed) since the run began: their seed index 0 finds which compare.
+        new = selected - {line["test"] for line in read_logs(out)}
+        if new:
+            print(f"== seed index 0 for {len(new)} tests new since the run began", flush=True)
+            named = out / "new_tests.txt"
+            named.write_text("\n".join(sorted(new)) + "\n")
+            subprocess.run(pytest_command(selection, out / f"seed0-{len(list(out.glob('seed0*.jsonl')))}.jsonl",
+                                          f"--tests-from={named}"), cwd=REPO)
+    listed.write_text("\n".join(sorted({line["test"] for line in read_logs(out) if line["checks"]})) + "\n")
+    accuracy_tests = [test for test in listed.read_text().splitlines() if test in selected]
     seeds_run = defaultdict(set)
     for line in read_logs(out):
         seeds_run[line["test"]].add(line["seed_index"])
@@ -92,10 +101,16 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
         process.wait()
 
 
+def log_order(log: Path) -> tuple:
+    """seed0*.jsonl first, then shard logs by number: a later log's run of a seed wins."""
+    number = re.match(r"shard(\d+)", log.name)
+    return (1, int(number[1]), log.name) if number else (0, 0, log.name)
+
+
 def read_logs(out: Path) -> list[dict]:
     """Every logged test run, once per (test, seed index): a resumed run may repeat a seed."""
     runs = {}
-    for log in sorted(out.glob("*.jsonl")):
+    for log in sorted(out.glob("*.jsonl"), key=log_order):
         for text in log.read_text().splitlines():
             if text.strip():
                 line = json.loads(text)
@@ -179,7 +194,8 @@ def main() -> int:
     out = args.summarize or args.out
     if not args.summarize:
         run(selection, args.seeds, args.jobs, out, args.resume)
-    rows = summarize(read_logs(out))
+    current = collected_tests([])
+    rows = summarize([line for line in read_logs(out) if line["test"] in current])
     (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "summary.md").write_text(test_table(rows) + "\n")
     print(file_table(rows))

@@ -4,18 +4,22 @@ and torch.compile, bad input, and two gloo processes against one."""
 
 import functools
 import os
+import sys
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import assert_accurate, assert_close, float32_baseline, output_rounding
+from accuracy import assert_accurate, assert_close, float32_baseline, output_rounding, worst
 from conftest import AllocationRecorder, kernel_devices
 from distributed import run_distributed
 
 import fastssl
 from fastssl.nn import InfoNCELoss, NTXentLoss
 from fastssl.ops import info_nce
-from fastssl.reference.info_nce import moco_v3_contrastive_loss_original, ntxent_loss_original
+from fastssl.reference.info_nce import info_nce_reference, moco_v3_contrastive_loss_original, ntxent_loss_original
+
+info_nce_module = sys.modules["fastssl.ops.info_nce"]
 
 MODES = {"moco": dict(), "clip": dict(symmetric=True), "ntxent": dict(symmetric=True, exclude_self=True),
          "own-view": dict(exclude_self=True)}
@@ -31,12 +35,48 @@ def loss_and_grads(fn, query, key):
     return (loss.detach(), *torch.autograd.grad(loss, [query, key], allow_unused=True, materialize_grads=True))
 
 
-def reference(mode, temperature):
-    """The function under test on fastssl's reference backend (plain PyTorch, any dtype)."""
+def reference(mode, temperature, one_direction=info_nce_reference):
+    """The function under test on fastssl's reference backend (plain PyTorch, any dtype), each
+    direction's loss computed by ``one_direction``."""
     def fn(query, key):
-        with fastssl.use_backend("reference"):
+        with fastssl.use_backend("reference"), mock.patch.object(info_nce_module, "info_nce_reference",
+                                                                 one_direction):
             return info_nce(query, key, temperature, **MODES[mode])
     return functools.partial(loss_and_grads, fn)
+
+
+def recomputed_logits_direction(query, keys, own_view, temperature, row_offset=0):
+    """``info_nce_reference`` as a two-pass kernel rounds it: the log-sum-exp from the logits
+    of the forward, the probabilities ``exp(logit - lse)`` of the gradient from the logits
+    computed again. The second computation rounds independently of the first (under
+    SimulatedRounding), so the probabilities carry that rounding, amplified by |logit| <= 1/t:
+    where every row has one candidate (N = 1) the reference's gradient is exactly 0, p = 1,
+    in any rounding, and only this form shows how a float32 two-pass computation errs."""
+    rows = torch.arange(query.shape[0], device=query.device)
+    targets = rows + row_offset
+
+    def logits():
+        products = query @ keys.t() / temperature
+        if own_view is None:
+            return products
+        own = (query @ own_view.t() / temperature).masked_fill(
+            torch.arange(own_view.shape[0], device=query.device)[None, :] == targets[:, None], float("-inf"))
+        return torch.cat([products, own], dim=1)
+
+    forward, again = logits(), logits()
+    lse = forward.logsumexp(1).detach()
+    probabilities = (again.detach() - lse[:, None]).exp()
+    # Gradient mean_i sum_j (p_ij - [j = target_i]) d logit_ij; value the forward's loss.
+    surrogate = ((probabilities * again.masked_fill(probabilities == 0, 0)).sum(1) - again[rows, targets]).mean()
+    return (lse - forward[rows, targets]).mean().detach() + surrogate - surrogate.detach()
+
+
+def baseline_and_exact(mode, temperature, query, key):
+    """The accuracy rule's baseline per output: the worst of the reference's float32 and
+    simulated float32 runs and those of its recomputed-logits form."""
+    base, exact = float32_baseline(reference(mode, temperature), query, key)
+    recomputed, _ = float32_baseline(reference(mode, temperature, recomputed_logits_direction), query, key)
+    return tuple(worst([one, other], value) for one, other, value in zip(base, recomputed, exact)), exact
 
 
 @pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
@@ -46,7 +86,7 @@ def test_values_and_gradients_match_reference(kernel_device, mode, n, d, poisone
     query, key = rows(n, d, device=kernel_device), rows(n, d, device=kernel_device)
     with fastssl.use_backend("triton"):
         got = loss_and_grads(lambda q, k: info_nce(q, k, 0.1, **MODES[mode]), query, key)
-    base, exact = float32_baseline(reference(mode, 0.1), query, key)
+    base, exact = baseline_and_exact(mode, 0.1, query, key)
     for value, baseline, expected, what in zip(got, base, exact, ("loss", "query gradient", "key gradient")):
         assert value.dtype == torch.float32
         assert_accurate(value, baseline, expected, atol=output_rounding(expected, torch.float32), what=what)
