@@ -27,8 +27,10 @@ def patch_helpers_once() -> bool:
     except ImportError:
         return False
     patch_lang = getattr(interpreter, "_patch_lang", None)
-    if patch_lang is None or getattr(patch_lang, "patches_helpers_once", False):
-        return patch_lang is not None
+    if patch_lang is None or not hasattr(interpreter, "tl"):
+        return False
+    if getattr(patch_lang, "patches_helpers_once", False):
+        return True
 
     patched_in_this_launch: set[int] = set()
 
