@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from accuracy import assert_accurate, assert_close, output_rounding, simulated_float32_runs, worst
+from accuracy import assert_accurate, assert_close, output_rounding, simulated_float32_row_runs, worst
 from conftest import kernel_devices
 
 import fastssl
@@ -31,28 +31,30 @@ def diffsort_fn(network, n, steepness, distribution, device="cpu"):
     return module
 
 
-def reference_steps(network, n, steepness, distribution, grad_sorted=None, grad_P=None, device="cpu"):
+def reference_steps(network, n, steepness, distribution, device="cpu", gradients=False):
     """(ours, diffsort's): float32-capable plain-PyTorch runs of the function under test,
-    forward only or, given output gradients, (x_sorted, P, dL/dx)."""
+    ``f(x) -> (x_sorted, P)`` or, with ``gradients``, ``f(x, grad_sorted, grad_P) ->
+    (x_sorted, P, dL/dx)``."""
     ours = functools.partial(soft_sort_reference, steepness=steepness, network=network, distribution=distribution)
     theirs = diffsort_fn(network, n, steepness, distribution, device)
-    if grad_sorted is None:
+    if not gradients:
         return ours, theirs
-    return (functools.partial(sort_and_grad, ours, grad_sorted=grad_sorted, grad_P=grad_P),
-            functools.partial(sort_and_grad, theirs, grad_sorted=grad_sorted, grad_P=grad_P))
+    return functools.partial(sort_and_grad, ours), functools.partial(sort_and_grad, theirs)
 
 
-def assert_outputs_accurate(outputs, x, ours, theirs, names):
+def assert_outputs_accurate(outputs, x, ours, theirs, names, row_args=()):
     """The accuracy rule per output: exact is diffsort's float64 run; the baseline is the worst
     of three kinds of float32 run: ours, diffsort's (dense split matrices, another rounding
     order) and simulated roundings of ours. A near-tie amplifies each rounding by up to
     steepness / pi, so the error of one float32 run is a noisy draw: the simulated runs'
-    errors reach 9x a real run's.
+    errors reach 9x a real run's (sixteen of them, see accuracy.simulated_float32_row_runs).
+    ``row_args``: the output gradients, per row like x.
 
     Half-precision outputs: the kernels compute in float32 and round each output once, so the
     baselines are float32 runs rounded to the output's dtype."""
-    exact = theirs(x.double())
-    baselines = [ours(x.float()), theirs(x.float()), *simulated_float32_runs(ours, x.double())]
+    exact = theirs(x.double(), *row_args)
+    baselines = [ours(x.float(), *row_args), theirs(x.float(), *row_args),
+                 *simulated_float32_row_runs(ours, x.double(), *row_args)]
     for index, (value, what) in enumerate(zip(outputs, names)):
         base = worst([baseline[index].to(value.dtype) for baseline in baselines], exact[index])
         assert_accurate(value, base, exact[index], atol=output_rounding(exact[index], value.dtype), what=what)
@@ -133,8 +135,8 @@ def test_kernel_gradient_matches_reference(kernel_device, network, distribution,
     with fastssl.use_backend("triton"):
         outputs = sort_and_grad(lambda v: soft_sort(v, steepness, network, distribution), x, grad_sorted, grad_P)
     assert outputs[2].dtype == torch.float32
-    ours, theirs = reference_steps(network, n, steepness, distribution, grad_sorted, grad_P, kernel_device)
-    assert_outputs_accurate(outputs, x, ours, theirs, ("x_sorted", "P", "gradient"))
+    ours, theirs = reference_steps(network, n, steepness, distribution, kernel_device, gradients=True)
+    assert_outputs_accurate(outputs, x, ours, theirs, ("x_sorted", "P", "gradient"), (grad_sorted, grad_P))
 
 
 @pytest.mark.parametrize("network,n", [("bitonic", 49), ("odd_even", 16)])
@@ -151,8 +153,8 @@ def test_gpu_tiling_and_checkpoint_recomputation(monkeypatch, network, n):
     grad_sorted, grad_P = torch.randn(2, n, dtype=torch.float64), torch.randn(2, n, n, dtype=torch.float64)
     with fastssl.use_backend("triton"):
         outputs = sort_and_grad(lambda v: soft_sort(v, 30.0, network), x, grad_sorted, grad_P)
-    assert_outputs_accurate(outputs, x, *reference_steps(network, n, 30.0, "cauchy", grad_sorted, grad_P),
-                            ("x_sorted", "P", "gradient"))
+    assert_outputs_accurate(outputs, x, *reference_steps(network, n, 30.0, "cauchy", gradients=True),
+                            ("x_sorted", "P", "gradient"), (grad_sorted, grad_P))
 
 
 @pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
@@ -165,8 +167,8 @@ def test_half_precision_inputs(kernel_device, dtype):
     with fastssl.use_backend("triton"):
         outputs = sort_and_grad(lambda v: soft_sort(v, 100.0), x, grad_sorted, grad_P)
     assert all(output.dtype == dtype for output in outputs)
-    assert_outputs_accurate(outputs, x, *reference_steps("bitonic", n, 100.0, "cauchy", grad_sorted, grad_P,
-                                                         kernel_device), ("x_sorted", "P", "gradient"))
+    assert_outputs_accurate(outputs, x, *reference_steps("bitonic", n, 100.0, "cauchy", kernel_device, gradients=True),
+                            ("x_sorted", "P", "gradient"), (grad_sorted, grad_P))
 
 
 def test_non_contiguous_rows_and_leading_dimensions():

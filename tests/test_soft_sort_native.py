@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from accuracy import assert_accurate, assert_close, output_rounding, simulated_float32_runs, worst
+from accuracy import assert_accurate, assert_close, output_rounding, simulated_float32_row_runs, worst
 
 from fastssl import _native
 from fastssl.ops import _soft_sort_native as native
@@ -34,7 +34,7 @@ def random_rows(rows, n, device, dtype=torch.float32):
     return (torch.randn(rows, n, device=device) * 2).to(dtype)
 
 
-def reference_and_grads(x, compute_dtype, steepness, network, distribution, grad_sorted, grad_P):
+def reference_and_grads(x, grad_sorted, grad_P, *, compute_dtype, steepness, network, distribution):
     """(x_sorted, P, dL/dx) of the reference in ``compute_dtype`` by autograd."""
     leaf = x.detach().to(compute_dtype).requires_grad_()
     x_sorted, P = soft_sort_reference(leaf, steepness, network, distribution, ART_LAMBDA)
@@ -47,14 +47,16 @@ def reference_and_grads(x, compute_dtype, steepness, network, distribution, grad
     return x_sorted.detach(), P.detach(), leaf.grad
 
 
-def assert_outputs_accurate(outputs, reference, x, names):
-    """The accuracy rule per output against ``reference(x, dtype)`` (a tuple of outputs): exact
-    in float64; the baseline is the worst of the float32 run and simulated float32 roundings
-    (steep networks amplify single roundings, so one run's error is a noisy draw; see
-    tests/test_soft_sort.py::assert_outputs_accurate)."""
-    exact = reference(x, torch.float64)
-    baselines = [reference(x, torch.float32),
-                 *simulated_float32_runs(lambda v: reference(v, torch.float64), x.double())]
+def assert_outputs_accurate(outputs, reference, x, names, row_args):
+    """The accuracy rule per output against ``reference(x, *row_args, compute_dtype=dtype)`` (a
+    tuple of outputs, each row computed on its own): exact in float64; the baseline is the
+    worst of the float32 run and simulated float32 roundings (steep networks amplify single
+    roundings, so one run's error is a noisy draw; see tests/test_soft_sort.py::
+    assert_outputs_accurate)."""
+    exact = reference(x, *row_args, compute_dtype=torch.float64)
+    baselines = [reference(x, *row_args, compute_dtype=torch.float32),
+                 *simulated_float32_row_runs(functools.partial(reference, compute_dtype=torch.float64), x.double(),
+                                             *row_args)]
     for index, (actual, name) in enumerate(zip(outputs, names)):
         assert actual.dtype == torch.float32
         base = worst([baseline[index] for baseline in baselines], exact[index])
@@ -66,8 +68,8 @@ def check_sort(x, steepness, network, distribution, grad_sorted, grad_P, what):
     x_sorted, P = native.soft_sort_forward_native(x, steepness, network, distribution, ART_LAMBDA)
     grad_x = native.soft_sort_backward_native(x, grad_sorted, grad_P, steepness, network, distribution, ART_LAMBDA)
     assert_outputs_accurate((x_sorted, P, grad_x), functools.partial(
-        reference_and_grads, steepness=steepness, network=network, distribution=distribution,
-        grad_sorted=grad_sorted, grad_P=grad_P), x, [f"{what} {name}" for name in ("x_sorted", "P", "grad_x")])
+        reference_and_grads, steepness=steepness, network=network, distribution=distribution), x,
+        [f"{what} {name}" for name in ("x_sorted", "P", "grad_x")], (grad_sorted, grad_P))
 
 
 @pytest.mark.parametrize("network", NETWORKS)
@@ -132,17 +134,17 @@ def test_non_contiguous_inputs(device):
 def check_neco(student, teacher, steepness_student, steepness_teacher, network, distribution, what):
     grad_rows = torch.randn(student.shape[0], device=student.device)
 
-    def reference(rows, dtype):
-        leaf = rows.detach().to(dtype).requires_grad_()
-        loss = neco_loss_rows_reference(leaf, teacher.to(dtype), steepness_student, steepness_teacher, network,
-                                        distribution, ART_LAMBDA)
-        (loss * grad_rows.to(dtype)).sum().backward()
+    def reference(rows, teacher_rows, row_weights, compute_dtype):
+        leaf = rows.detach().to(compute_dtype).requires_grad_()
+        loss = neco_loss_rows_reference(leaf, teacher_rows.to(compute_dtype), steepness_student, steepness_teacher,
+                                        network, distribution, ART_LAMBDA)
+        (loss * row_weights.to(compute_dtype)).sum().backward()
         return loss.detach(), leaf.grad
 
     args = (steepness_student, steepness_teacher, network, distribution, ART_LAMBDA)
     loss = native.neco_loss_forward_native(student, teacher, *args)
     grad = native.neco_loss_backward_native(grad_rows, student, teacher, *args)
-    assert_outputs_accurate((loss, grad), reference, student, (f"{what} loss", f"{what} grad"))
+    assert_outputs_accurate((loss, grad), reference, student, (f"{what} loss", f"{what} grad"), (teacher, grad_rows))
 
 
 def similarity_rows(rows, n, device):
