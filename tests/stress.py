@@ -70,10 +70,12 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
             named.write_text("\n".join(sorted(new)) + "\n")
             subprocess.run(pytest_command(selection, out / f"seed0-{len(list(out.glob('seed0*.jsonl')))}.jsonl",
                                           f"--tests-from={named}"), cwd=REPO)
-    listed.write_text("\n".join(sorted({line["test"] for line in read_logs(out) if line["checks"]})) + "\n")
-    accuracy_tests = [test for test in listed.read_text().splitlines() if test in selected]
+    logs = read_logs(out)
+    found = sorted({line["test"] for line in logs if line["checks"]})
+    listed.write_text("\n".join(found) + "\n")
+    accuracy_tests = [test for test in found if test in selected]
     seeds_run = defaultdict(set)
-    for line in read_logs(out):
+    for line in logs:
         seeds_run[line["test"]].add(line["seed_index"])
     # A test is resumed from its lowest missing seed index: pytest runs a test's seeds in order.
     missing = {test: min(set(range(seeds)) - seeds_run[test]) for test in accuracy_tests
@@ -88,8 +90,7 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
           f"in {jobs} processes", flush=True)
     bounds = [first + (seeds - first) * job // jobs for job in range(jobs + 1)]
     # New logs never overwrite old ones: numbered after the highest shard number in use.
-    numbers = [int(match[1]) for log in out.glob("shard*.jsonl") if (match := re.match(r"shard(\d+)", log.name))]
-    attempt = 1 + max(numbers, default=-1)
+    attempt = 1 + max((log_order(log)[1] for log in out.glob("shard*.jsonl")), default=-1)
     # One thread per process: more threads than cores make OpenMP's spinning workers crawl.
     environment = {**os.environ, "FASTSSL_TEST_THREADS": "1"}
     processes = [subprocess.Popen(pytest_command(selection, out / f"shard{attempt + job}.jsonl",
