@@ -79,6 +79,13 @@ def _rounding_deltas(seed: int, count: int) -> torch.Tensor:
     return UNIT_ROUNDOFF * (2 * torch.rand(count, dtype=torch.float64, generator=generator) - 1)
 
 
+@functools.cache
+def _rounding_factors(seed: int, count: int) -> torch.Tensor:
+    """``1 + delta`` for :func:`_rounding_deltas` (cached likewise): most rounded results take
+    the factor as it is, one tensor operation fewer each."""
+    return 1 + _rounding_deltas(seed, count)
+
+
 class SimulatedRounding(TorchDispatchMode):
     """Run float64 code as if in float32 with randomized rounding. The result of every
     operation that rounds (arithmetic, reductions, matmuls, transcendentals; not views,
@@ -96,16 +103,20 @@ class SimulatedRounding(TorchDispatchMode):
         # Deltas drawn once per (seed, pool) and used in turn: drawing per operation costs more.
         self.pool_size = pool_size
         self.deltas = _rounding_deltas(seed, pool_size)
+        self.factors = _rounding_factors(seed, pool_size)
         self.next = 0
 
     def _factor(self, value, scale: float = 1.0):
+        """``1 + scale * delta`` for each element of ``value``, the next deltas of the pool."""
         count = value.numel()
         if self.next + count > self.pool_size:
             self.next = 0
-        deltas = self.deltas[self.next:self.next + count] if count <= self.pool_size else \
-            self.deltas.repeat(-(-count // self.pool_size))[:count]
+        pool = self.factors if scale == 1.0 else self.deltas
+        taken = pool[self.next:self.next + count] if count <= self.pool_size else \
+            pool.repeat(-(-count // self.pool_size))[:count]
         self.next += count
-        return 1 + scale * deltas.view(value.shape).to(value.device)
+        taken = taken.view(value.shape).to(value.device)
+        return taken if scale == 1.0 else 1 + scale * taken
 
     @staticmethod
     def _rounds(value) -> bool:
@@ -123,12 +134,14 @@ class SimulatedRounding(TorchDispatchMode):
         if name in EXACT_OPERATIONS:
             return out
 
+        # An in-place operation's result is rounded in place, and so is a fresh result (the
+        # same values, one allocation fewer); a result that views an input is not.
+        in_place = func._schema.is_mutable or all(result.alias_info is None for result in func._schema.returns)
+
         def perturb(value):
             if not self._rounds(value):
                 return value
-            if func._schema.is_mutable:  # an in-place operation: round its result in place
-                return value.mul_(self._factor(value))
-            return value * self._factor(value)
+            return value.mul_(self._factor(value)) if in_place else value * self._factor(value)
 
         return tree_map(perturb, out)
 
@@ -154,7 +167,9 @@ def simulated_float32_row_runs(fn, *float64_row_args, runs: int = 16) -> list:
     uniform between 0 and its largest value, so the worst of m realizations stays below half
     the largest with probability 2^-m: four runs let the factor-2 rule fail about once in
     sixteen draws at such a case (seen: 1.06x the bound in 50 seeds); sixteen make it
-    1.5e-5. One call costs about one run: per-operation overhead, not size, dominates."""
+    1.5e-5. One call costs far less than sixteen runs where per-operation overhead dominates
+    (small rows); at n = 100 (16 copies of 8 permutation matrices of 128 x 128) it is bound
+    by memory traffic and costs about half of what sixteen runs would."""
     stacked = [arg.repeat(runs, *(1,) * (arg.dim() - 1)) if isinstance(arg, torch.Tensor) else arg
                for arg in float64_row_args]
     with SimulatedRounding(seed=0, pool_size=1 << 22):  # distinct deltas for 16 copies of (8, 128, 128)
