@@ -77,15 +77,14 @@ def test_reference_equals_diffsort_in_float64(network, distribution):
     # Every steepness for the small sizes, one (cycling) for the large ones: CPU time.
     cases = [(n, s) for n in SIZES[:4] for s in STEEPNESS] + [(n, STEEPNESS[i]) for i, n in enumerate(SIZES[4:])]
     for n, steepness in cases:
-        if True:
-            x = torch.randn(2, n, dtype=torch.float64) * 2
-            expected_sorted, expected_P = diffsort.DiffSortNet(network, n, steepness=steepness,
-                                                               distribution=distribution)(x)
-            x_sorted, P = soft_sort_reference(x, steepness, network, distribution)
-            # Both are float64 evaluations of the same formula; they differ by the order of a few
-            # roundings per layer (diffsort multiplies by 0/1 split matrices).
-            assert_close(P, expected_P, rtol=0, atol=1e-12)
-            assert_close(x_sorted, expected_sorted, rtol=0, atol=1e-12 * x.abs().max().item())
+        x = torch.randn(2, n, dtype=torch.float64) * 2
+        expected_sorted, expected_P = diffsort.DiffSortNet(network, n, steepness=steepness,
+                                                           distribution=distribution)(x)
+        x_sorted, P = soft_sort_reference(x, steepness, network, distribution)
+        # Both are float64 evaluations of the same formula; they differ by the order of a few
+        # roundings per layer (diffsort multiplies by 0/1 split matrices).
+        assert_close(P, expected_P, rtol=0, atol=1e-12)
+        assert_close(x_sorted, expected_sorted, rtol=0, atol=1e-12 * x.abs().max().item())
 
 
 def test_network_tables():
