@@ -40,9 +40,11 @@ def update_readme(rows: list[dict]) -> bool:
 
 
 def pytest_command(selection: list[str], log: Path, *options: str) -> list[str]:
-    # Options as --name=value: pytest would take a bare path argument as a rootdir hint.
+    # Options as --name=value: pytest would take a bare path argument as a rootdir hint. Only a
+    # failed test keeps its temporary directory: the trainer tests write checkpoints, over 20 GB
+    # per process in 200 seeds.
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={REPO}",
-            f"--accuracy-log={log}", *options, *selection]
+            "-o", "tmp_path_retention_policy=failed", f"--accuracy-log={log}", *options, *selection]
 
 
 def collected_tests(selection: list[str]) -> set[str]:
