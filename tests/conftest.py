@@ -57,7 +57,8 @@ def pytest_addoption(parser):
     group.addoption("--accuracy-log", metavar="FILE",
                     help="append one JSON line per test: its seed, outcome and accuracy checks")
     group.addoption("--tests-from", metavar="FILE",
-                    help="run only the tests whose ids (without the seed parameter) are lines of FILE")
+                    help="run only the tests whose ids (without the seed parameter) are lines of FILE; a "
+                         "line 'ID<tab>I' selects that test's seed index I only")
 
 
 def pytest_configure(config):
@@ -78,8 +79,13 @@ def pytest_collection_modifyitems(config, items):
     if listed:
         with open(listed) as file:
             wanted = set(file.read().split("\n"))
-        config.hook.pytest_deselected(items=[item for item in items if base_nodeid(item.nodeid) not in wanted])
-        items[:] = [item for item in items if base_nodeid(item.nodeid) in wanted]
+
+        def selected(item) -> bool:
+            test = base_nodeid(item.nodeid)
+            return test in wanted or f"{test}\t{seed_index(item)}" in wanted
+
+        config.hook.pytest_deselected(items=[item for item in items if not selected(item)])
+        items[:] = [item for item in items if selected(item)]
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
@@ -94,6 +100,12 @@ def base_nodeid(nodeid: str) -> str:
         return nodeid
     kept = [part for part in params[:-1].split("-") if not re.fullmatch(r"seed\d+", part)]
     return f"{head}[{'-'.join(kept)}]" if kept else head
+
+
+def seed_index(item) -> int:
+    """The seed index ``--seeds`` gave ``item`` (0 without it)."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("seed", 0) if callspec else 0
 
 
 def seed_value(test: str, index: int) -> int:

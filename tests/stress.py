@@ -79,18 +79,17 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
     seeds_run = defaultdict(set)
     for line in logs:
         seeds_run[line["test"]].add(line["seed_index"])
-    # A test is resumed from its lowest missing seed index: pytest runs a test's seeds in order.
-    missing = {test: min(set(range(seeds)) - seeds_run[test]) for test in accuracy_tests
-               if len(seeds_run[test] & set(range(seeds))) < seeds}
-    first = min(missing.values(), default=seeds)
+    missing = [(test, index) for test in accuracy_tests for index in range(seeds) if index not in seeds_run[test]]
     if not missing:
         print(f"== every accuracy test already has seed indices 0..{seeds - 1}", flush=True)
         return
     pending = out / "pending_tests.txt"
-    pending.write_text("\n".join(sorted(missing)) + "\n")
-    print(f"== {len(missing)} of {len(accuracy_tests)} accuracy tests, seed indices {first}..{seeds - 1} "
-          f"in {jobs} processes", flush=True)
-    bounds = [first + (seeds - first) * job // jobs for job in range(jobs + 1)]
+    pending.write_text("".join(f"{test}\t{index}\n" for test, index in missing))
+    # Each process takes a range of seed indices holding about as many of the missing runs.
+    indices = sorted(index for _, index in missing)
+    bounds = sorted({indices[len(indices) * job // jobs] for job in range(jobs)}) + [seeds]
+    print(f"== {len(missing)} runs of {len({test for test, _ in missing})} of {len(accuracy_tests)} accuracy "
+          f"tests, seed indices {indices[0]}..{indices[-1]}, in {len(bounds) - 1} processes", flush=True)
     # New logs never overwrite old ones: numbered after the highest shard number in use.
     attempt = 1 + max((log_order(log)[1] for log in out.glob("shard*.jsonl")), default=-1)
     # One thread per process: more threads than cores make OpenMP's spinning workers crawl.
@@ -99,7 +98,7 @@ def run(selection: list[str], seeds: int, jobs: int, out: Path, resume: bool) ->
                                                  f"--tests-from={pending}",
                                                  f"--first-seed={low}", f"--seeds={high - low}"),
                                   cwd=REPO, stdout=subprocess.DEVNULL, env=environment)
-                 for job, (low, high) in enumerate(zip(bounds, bounds[1:])) if high > low]
+                 for job, (low, high) in enumerate(zip(bounds, bounds[1:]))]
     for process in processes:
         process.wait()
 
