@@ -119,7 +119,7 @@ def seed_value(test: str, index: int) -> int:
 
 @pytest.fixture(autouse=True)
 def seed(request):
-    index = getattr(request, "param", 0)
+    index = seed_index(request.node)
     value = seed_value(base_nodeid(request.node.nodeid), index)
     torch.manual_seed(value)
     numpy.random.seed(value)
