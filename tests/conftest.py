@@ -10,7 +10,8 @@
   one; a failure prints its replay line. ``--accuracy-log FILE`` writes every test's accuracy
   checks (error and bound of each, from tests/accuracy.py) as JSON lines for tests/stress.py.
 - Under the interpreter, helper calls inside a kernel do not re-patch triton.language
-  (tests/interpreter.py): a third of the interpreted time, with the same values.
+  (tests/interpreter.py): a third of the interpreted time, with the same values; and the
+  device-side asserts of ``@triton.jit(debug=True)`` kernels are evaluated, as on a GPU.
 - Reductions split across threads round differently with another thread count, so the tests
   run torch's and the native extension's OpenMP threads at the CI machine's count.
 
@@ -44,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     interpreter.patch_helpers_once()
+    interpreter.enable_device_asserts()
 
 SEED_VARIABLE = "FASTSSL_TEST_SEED"
 

@@ -1,4 +1,5 @@
-"""Triton's interpreter, without re-patching triton.language on every helper call.
+"""Triton's interpreter, without re-patching triton.language on every helper call, and with
+the device-side asserts of kernels compiled with ``debug=True``.
 
 Under ``TRITON_INTERPRET=1`` a kernel launch patches ``triton.language`` once (each builtin
 replaced by its interpreted form, restored when the launch ends), and then every call of a
@@ -9,9 +10,15 @@ patched changes nothing (an interpreted builtin is no longer a builtin, so the s
 nothing), so :func:`patch_helpers_once` skips it; a helper that reaches a language module the
 launch has not patched still patches it as before. Test infrastructure only: the values the
 kernels compute are the interpreter's own either way.
+
+The interpreter ignores ``@triton.jit(debug=True)`` and never evaluates ``tl.device_assert``;
+:func:`enable_device_asserts` makes it evaluate them in those kernels (raising where a GPU
+would stop with a device-side assert), so the tests see the checks they make on a GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 
 class _NothingToRestore:
@@ -59,4 +66,35 @@ def patch_helpers_once() -> bool:
 
     patch_lang_once.patches_helpers_once = True
     interpreter._patch_lang = patch_lang_once
+    return True
+
+
+def enable_device_asserts() -> bool:
+    """Evaluate ``tl.device_assert`` (and the integer-overflow checks that come with
+    ``debug``) in the kernels jitted with ``debug=True``, as a GPU does; False if this
+    triton's interpreter is not laid out as expected."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    function = getattr(interpreter, "InterpretedFunction", None)
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if function is None or builder is None or not dataclasses.is_dataclass(getattr(builder, "options", None)):
+        return False
+    if getattr(function.run, "evaluates_device_asserts", False):
+        return True
+    run = function.run
+
+    def run_with_debug_options(self, *args, **kwargs):
+        if not self.kwargs.get("debug"):
+            return run(self, *args, **kwargs)
+        options = builder.options
+        builder.options = dataclasses.replace(options, debug=True)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            builder.options = options
+
+    run_with_debug_options.evaluates_device_asserts = True
+    function.run = run_with_debug_options
     return True

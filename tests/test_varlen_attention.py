@@ -30,11 +30,13 @@ def attention_and_grads(fn, qkv, grad_out, H, D):
     return out.detach(), qkv.grad.reshape(qkv.shape[0], 3, H, D).unbind(1)
 
 
-def check_against_reference(qkv, cu_seqlens, H, D, dtype, **kwargs):
+def check_against_reference(qkv, cu_seqlens, H, D, dtype, grad_out=None, **kwargs):
     """Kernel output and dq, dk, dv vs the float64 reference, within 2x the error of the
-    reference computed in ``dtype`` (plus one unit of ``dtype`` at the largest value)."""
+    reference computed in ``dtype`` (plus one unit of ``dtype`` at the largest value).
+    ``grad_out``: the output's gradient (default: standard normal draws)."""
     T = qkv.shape[0]
-    grad_out = torch.randn(T, H, D, device=qkv.device).to(dtype)
+    if grad_out is None:
+        grad_out = torch.randn(T, H, D, device=qkv.device).to(dtype)
     with fastssl.use_backend("triton"):
         out, grads = attention_and_grads(lambda q, k, v: varlen_attention(q, k, v, cu_seqlens, **kwargs),
                                          qkv, grad_out, H, D)
@@ -98,6 +100,45 @@ def test_long_sequences_use_the_long_class(kernel_device, poisoned_outputs):
     lengths, H, D, dtype = [513, 20], 1, 64, torch.bfloat16
     qkv = fused_qkv(sum(lengths), H, D, dtype, kernel_device)
     check_against_reference(qkv, cu_seqlens_of(lengths, kernel_device), H, D, dtype, max_seqlen=513)
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype,logit", [(torch.float16, -12.0), (torch.bfloat16, -100.0)])
+def test_rows_of_very_negative_logits_get_finite_accurate_gradients(kernel_device, dtype, logit, deterministic,
+                                                                    poisoned_outputs):
+    """One 37-token sequence (DINO's local crop: not a multiple of the 64-key tile) whose every
+    logit is about ``logit``. The softmax is shift-invariant, so the output is ordinary, but
+    lse is very negative (log2 units: -12 fp16, -139 bf16): the dK/dV tile's padding keys
+    (k = 0, score 0) once got P = exp2(-lse), dS = -P * delta overflowed the 16-bit range
+    (and float32's at -139), and dS K = inf * 0 made every dQ row NaN."""
+    T, H, D = 37, 1, 32
+    a = math.sqrt(-logit / math.sqrt(D))  # q = a, k = -a: q.k / sqrt(D) = logit
+    q = a + 0.01 * torch.randn(T, H, D)
+    k = -a + 0.01 * torch.randn(T, H, D)
+    v = 4 + torch.randn(T, H, D)
+    qkv = torch.stack([q, k, v], 1).reshape(T, 3 * H * D).to(kernel_device, dtype).requires_grad_()
+    grad_out = torch.ones(T, H, D, device=kernel_device, dtype=dtype)
+    _, grads = check_against_reference(qkv, cu_seqlens_of([T], kernel_device), H, D, dtype, grad_out=grad_out,
+                                       deterministic=deterministic)
+    assert all(torch.isfinite(grad).all() for grad in grads)
+
+
+@pytest.mark.parametrize("lengths,max_seqlen", [
+    ([37, 200, 20], 60),  # the 65..512 class gets no tiles at all
+    ([300, 300, 300], 100),  # its tiles outnumber the class's capacity
+])
+def test_max_seqlen_shorter_than_a_sequence_stops_the_kernels(lengths, max_seqlen):
+    """Unvalidated, a too-short max_seqlen would leave tiles without a program and their rows
+    of the output unwritten; the schedule kernel's device-side assert stops instead (on a GPU,
+    a device-side assert error at the next synchronization)."""
+    q, k, v = torch.randn(3, sum(lengths), 1, 32).unbind(0)
+    cu_seqlens = cu_seqlens_of(lengths)
+    with fastssl.use_backend("triton"):
+        with pytest.raises(Exception, match="a sequence is longer than max_seqlen, or cu_seqlens is malformed"):
+            varlen_attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, validate=False)
+        exact = varlen_attention(q, k, v, cu_seqlens, max_seqlen=max(lengths), validate=False)
+    assert_close(exact, varlen_attention_reference(q, k, v, cu_seqlens), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -28,8 +28,8 @@ blocks of COLS, so a tile is padded to ROWS rows and the sweep to a multiple of 
 to 128 x 128. ``_schedule_kernel`` (one program per class, one launch) writes the tile table
 of every class from ``cu_seqlens`` on the device: no host synchronization, not even for
 ``max_seqlen``, which only shrinks the grids (each launch's grid is an upper bound on its
-class's tiles computed from shapes; programs past the table's end return at once, and
-are dispatched after all real tiles).
+class's tiles computed from shapes, the tiles on grid axis 0 and the heads on axis 1;
+programs past the table's end return at once).
 
 Packing several short sequences into one tile with a block-diagonal mask inside it (the
 other known remedy) is not done: with k sequences of n tokens in a tile, k * n^2 of the
@@ -41,16 +41,16 @@ Kernels (per head; n_i the sequence lengths, d the head dim, e bytes per element
 T = sum n_i tokens; FLOPs counted as FlashAttention does, 2 per multiply-add):
 
 - ``_schedule_kernel``: the tile tables, O(n_seqs) work, one launch for all classes.
-- ``_forward_kernel``: grid (heads, query tiles). Per tile: Q once, K and V of its
+- ``_forward_kernel``: grid (query tiles, heads). Per tile: Q once, K and V of its
   sequence once (from L2 for all but the first tile of a sequence), O and the lse once.
   FLOPs 4 * n_i^2 * d per sequence; memory ``4*T*d*e`` (Q, K, V, O) + ``4*T`` (lse).
 - ``_delta_kernel``: ``delta = rowsum(dO * O)`` in float32, reads ``2*T*d*e``.
-- ``_dkdv_kernel``: grid (heads, key tiles); sweeps the sequence's query blocks,
+- ``_dkdv_kernel``: grid (key tiles, heads); sweeps the sequence's query blocks,
   recomputing P, and accumulates dK and dV in registers (so each is written once, in a
   fixed order: deterministic). With ``ATOMIC_DQ`` it also adds each block's dQ share to a
   float32 buffer with atomics (the order of float additions varies from run to run).
   FLOPs 8 * n_i^2 * d (10 with the atomic dQ).
-- ``_dq_kernel`` (``deterministic=True``): grid (heads, query tiles); sweeps the key
+- ``_dq_kernel`` (``deterministic=True``): grid (query tiles, heads); sweeps the key
   blocks, recomputing P and dP: 6 * n_i^2 * d more FLOPs than the atomic path's 2, and no
   float32 dQ buffer (``4*T*d`` bytes, zeroed, then read back and converted).
 
@@ -112,7 +112,7 @@ def length_classes(head_dim: int, element_size: int) -> tuple[LengthClass, ...]:
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(debug=True)  # for the device-side assert at its end; O(n_seqs) work, so it costs nothing
 def _schedule_kernel(
     cu_seqlens_ptr, table_ptr,
     n_seqs, total_tokens, table_stride,
@@ -120,14 +120,20 @@ def _schedule_kernel(
     shorter2, longest2, rows2, capacity2,
     BLOCK: tl.constexpr, FIELDS: tl.constexpr,
 ):
-    """Tile table of the length class program_id(0) (up to three, given as scalars so
-    that no parameter tensor is copied to the device).
+    """Tile table of the length class program_id(0) (three, given as scalars so that no
+    parameter tensor is copied to the device).
 
     A class holds the sequences of length in (shorter, longest], tiled by ``rows`` tokens,
     at most ``capacity`` tiles. Table entry p of the class: (first token of the sequence,
     its length, first row of the tile, sequence index); entries past the class's tiles get
     length 0. Token offsets are clamped to [0, total_tokens], so malformed ``cu_seqlens``
     that skipped validation cannot make the attention kernels read or write out of bounds.
+
+    The capacity is an upper bound on the class's tiles from shapes and ``max_seqlen``. A
+    ``max_seqlen`` shorter than a real sequence (or overlapping offsets) makes the tiles
+    outnumber it; the tiles past it would get no program, and their rows of the outputs
+    would keep whatever memory held. That stops here, in a device-side assert (no host
+    synchronization): a class launched with capacity 0 still runs this program.
     """
     c = tl.program_id(0)
     shorter = tl.where(c == 0, shorter0, tl.where(c == 1, shorter1, shorter2))
@@ -158,6 +164,8 @@ def _schedule_kernel(
     for first in range(filled, capacity, BLOCK):
         p = first + tl.arange(0, BLOCK)
         tl.store(table + p * FIELDS + 1, tl.zeros([BLOCK], dtype=tl.int32), mask=p < capacity)
+    tl.device_assert(filled <= capacity, "varlen_attention: a sequence is longer than max_seqlen, or cu_seqlens "
+                                         "is malformed; validate=True names the fault")
 
 
 @triton.jit
@@ -174,8 +182,9 @@ def _cast(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
 
 @triton.jit
 def _tile(table_ptr, ROWS: tl.constexpr):
-    """This program's tile: (first token of its sequence, sequence length, row indices)."""
-    entry = table_ptr + tl.program_id(1) * 4
+    """This program's tile (grid axis 0; the head is axis 1): (first token of its sequence,
+    sequence length, row indices)."""
+    entry = table_ptr + tl.program_id(0) * 4
     start = tl.load(entry)
     length = tl.load(entry + 1)
     rows = tl.load(entry + 2) + tl.arange(0, ROWS)
@@ -196,7 +205,7 @@ def _forward_kernel(
     acc (BLOCK_M x HEAD_DIM) float32, row max m and row sum l. Padding rows load zeros and
     are never stored; padding key columns get a score of -inf.
     """
-    head = tl.program_id(0)
+    head = tl.program_id(1)
     start, length, rows = _tile(table_ptr, BLOCK_M)
     if length == 0:
         return
@@ -237,9 +246,9 @@ def _delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """delta[head, t] = sum_d dO[t, head, d] * O[t, head, d] in float32 (the softmax
-    backward's row term), for BLOCK tokens of head program_id(0)."""
-    head = tl.program_id(0)
-    tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    backward's row term), for BLOCK tokens (program_id(0)) of head program_id(1)."""
+    head = tl.program_id(1)
+    tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = tokens < total_tokens
     dims = tl.arange(0, HEAD_DIM)
     t64 = tokens.to(tl.int64)[:, None]
@@ -264,9 +273,13 @@ def _dkdv_kernel(
     Sweeps the sequence's queries in blocks of BLOCK_M, in transposed form (keys on rows):
     P^T = exp2(K Q^T * scale2 - lse), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T * (dP^T - delta), dK += dS^T Q (times scale at the end), dQ += dS K * scale.
-    Padding queries load zero q, dO and delta and have P masked to 0, so add nothing.
+    P is masked to 0 outside the sequence on both axes. Padding queries load zero q, dO and
+    delta. Padding keys (rows past the sequence) load zero k, so their unmasked score would
+    be 0 and exp2(0 - lse) unbounded for a query row whose logits are all very negative
+    (the softmax is shift-invariant, so such rows are legitimate): in 16 bits dS^T would
+    overflow to inf there, and inf * 0 in dS K would make the query's dQ NaN.
     """
-    head = tl.program_id(0)
+    head = tl.program_id(1)
     start, length, rows = _tile(table_ptr, BLOCK_N)
     if length == 0:
         return
@@ -290,7 +303,7 @@ def _dkdv_kernel(
         lse = tl.load(lse_ptr + head * total_tokens + tokens, mask=col_mask, other=0.0)
         delta = tl.load(delta_ptr + head * total_tokens + tokens, mask=col_mask, other=0.0)
         s_t = mma(k, q_t, None, DOT_PRECISION, UPCAST) * qk_scale2
-        p_t = tl.where(col_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.where(key_mask[:, None] & col_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         dv = mma(_cast(p_t, do.dtype, RNE_BF16), do, dv, DOT_PRECISION, UPCAST)
         dp_t = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)
         ds_t = _cast(p_t * (dp_t - delta[None, :]), q_t.dtype, RNE_BF16)
@@ -317,7 +330,7 @@ def _dq_kernel(
     """dQ of one query tile, one head, without atomics: sweeps the sequence's key blocks,
     recomputing P = exp2(Q K^T * scale2 - lse) and dP = dO V^T, and accumulates
     dQ += (P * (dP - delta)) K in registers."""
-    head = tl.program_id(0)
+    head = tl.program_id(1)
     start, length, rows = _tile(table_ptr, BLOCK_M)
     if length == 0:
         return
@@ -367,7 +380,9 @@ def _class_capacity(total_tokens: int, n_seqs: int, shorter: int, longest: int, 
 
 def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, classes, which: str):
     """Per class with any possible tile: (tile shape, table view (capacity, 4)), built by one
-    launch of ``_schedule_kernel`` on cu_seqlens' device without reading it on the host."""
+    launch of ``_schedule_kernel`` on cu_seqlens' device without reading it on the host.
+    Every class gets a program there, those of capacity 0 too, so that a sequence the
+    capacities leave out stops the kernel instead of going unscheduled."""
     n_seqs = cu_seqlens.shape[0] - 1
     plans, shorter = [], 0
     for length_class in classes:
@@ -375,16 +390,15 @@ def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, clas
         capacity = _class_capacity(total_tokens, n_seqs, shorter, length_class.max_len, shape.rows, max_seqlen)
         plans.append((shorter, length_class.max_len, shape, capacity))
         shorter = length_class.max_len
-    plans = [plan for plan in plans if plan[3] > 0]
     stride = max(plan[3] for plan in plans) * TABLE_FIELDS
     table = torch.empty((len(plans), stride), dtype=torch.int32, device=cu_seqlens.device)
     scalars = [value for lo, hi, shape, capacity in plans for value in (lo, hi, shape.rows, capacity)]
-    scalars += [0, 0, 1, 0] * (3 - len(plans))
     _schedule_kernel[(len(plans),)](
         cu_seqlens, table, n_seqs, total_tokens, stride, *scalars,
         BLOCK=SCHEDULE_BLOCK, FIELDS=TABLE_FIELDS, num_warps=4,
     )
-    return [(shape, table[i, : capacity * TABLE_FIELDS]) for i, (_, _, shape, capacity) in enumerate(plans)]
+    return [(shape, table[i, : capacity * TABLE_FIELDS])
+            for i, (_, _, shape, capacity) in enumerate(plans) if capacity > 0]
 
 
 def _kernel_options(q: torch.Tensor) -> dict:
@@ -402,7 +416,7 @@ def _forward_triton(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     lse = torch.empty((heads, total_tokens), dtype=torch.float32, device=q.device)
     classes = length_classes(head_dim, q.element_size())
     for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, classes, "forward"):
-        _forward_kernel[(heads, table.shape[0] // TABLE_FIELDS)](
+        _forward_kernel[(table.shape[0] // TABLE_FIELDS, heads)](
             q, k, v, out, lse, table,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), total_tokens, scale * LOG2_E,
@@ -420,7 +434,7 @@ def _backward_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     delta = torch.empty((heads, total_tokens), dtype=torch.float32, device=q.device)
-    _delta_kernel[(heads, triton.cdiv(total_tokens, DELTA_BLOCK))](
+    _delta_kernel[(triton.cdiv(total_tokens, DELTA_BLOCK), heads)](
         out, grad_out, delta, total_tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         HEAD_DIM=head_dim, BLOCK=DELTA_BLOCK, num_warps=8,  # 4 warps spill in float16 on sm_90
     )
@@ -435,7 +449,7 @@ def _backward_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
     options = _kernel_options(q)
     classes = length_classes(head_dim, q.element_size())
     for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, classes, "backward"):
-        grid = (heads, table.shape[0] // TABLE_FIELDS)
+        grid = (table.shape[0] // TABLE_FIELDS, heads)
         _dkdv_kernel[grid](
             q, k, v, grad_out, lse, delta, dq_buffer, dk, dv, table, *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total_tokens, scale * LOG2_E, scale,
@@ -583,8 +597,9 @@ def varlen_attention(
         cu_seqlens: int32 (n_seqs + 1,) token offsets ``[0, n_1, n_1 + n_2, ..., T]`` on q's
             device. Empty sequences are allowed.
         max_seqlen: optional upper bound on the sequence lengths. The kernels never need
-            it and never read cu_seqlens on the host; when given it only shrinks the grids
-            (it must then be >= every length).
+            it and never read cu_seqlens on the host; when given it only shrinks the grids.
+            It must then be >= every length: a shorter one that would leave tiles without
+            a program stops the kernels with a device-side assert (on the CPU, an error).
         scale: multiplies q.k before the softmax; default 1 / sqrt(head_dim).
         deterministic: compute dQ in a separate pass (bit-identical gradients from run to
             run) instead of float32 atomics from the dK/dV pass (faster).
@@ -592,7 +607,8 @@ def varlen_attention(
             total_tokens, within max_seqlen). Default: when cu_seqlens is on the CPU, where
             reading it costs nothing. On a GPU reading it synchronizes with the host, so
             it is off unless requested; malformed offsets then give wrong outputs but never
-            an out-of-bounds access (the tile schedule clamps them).
+            an out-of-bounds access (the tile schedule clamps them), and those that would
+            leave tiles unscheduled stop with the device-side assert above.
     Returns:
         (total_tokens, heads, head_dim) in q's dtype, contiguous; differentiable with respect
         to q, k and v.
