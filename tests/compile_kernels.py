@@ -159,7 +159,7 @@ def run_launchers():
         with recipe("Barlow Twins / VICReg N=2048 D=8192"):
             barlow_twins.standardize_pair(z, z, stats, stats, stats, stats)
             for rstd in (stats, None):  # Barlow Twins' standardization, VICReg's centering
-                barlow_twins.standardize_backward(z, zn, zn, stats, rstd, 1e-3, N, ones, 2, None, dtype)
+                barlow_twins.standardize_backward(zn, zn, zn, stats, rstd, 1e-3, N, ones, 2, None, dtype)
             for symmetric in (True, False):
                 barlow_twins.gram_pair(z, z, z, z, symmetric=symmetric)
                 barlow_twins.gram_pair(z, z, symmetric=symmetric)

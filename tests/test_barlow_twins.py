@@ -31,7 +31,7 @@ SHAPES = [(3, 5), (16, 100), (37, 257), (100, 40), (64, 64), (7, 129)]
 
 
 @pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("formulation", ["auto", "gram", "cross"])
 @pytest.mark.parametrize("N,D", SHAPES, ids=[str(s) for s in SHAPES])
 def test_loss_and_gradients_equal_official(kernel_device, dtype, formulation, N, D, poisoned_outputs):
@@ -45,7 +45,7 @@ def test_loss_and_gradients_equal_official(kernel_device, dtype, formulation, N,
     official = functools.partial(loss_and_grads, barlow_twins_loss_original)
     base, exact = float32_baseline(official, z1, z2)
     if dtype != torch.float32:
-        base = _autocast_official(z1, z2)
+        base = _autocast_official(z1, z2, dtype)
     assert g1.dtype == dtype
     loss_atol = output_rounding(exact[0], torch.float32) + operand_rounding(z1, z2, dtype)
     assert_accurate(loss, base[0], exact[0], atol=loss_atol, what="loss")
@@ -91,12 +91,38 @@ def standardization_cancellation(z1, z2, lambd=0.0051) -> list:
             for (a, b), r in zip(terms, rstd)]
 
 
-def _autocast_official(z1, z2):
-    """The official loss with BatchNorm in float32 and the matmul in bfloat16."""
+def _rounded_product(a, b, dtype):
+    return (a.float() @ b.float()).to(dtype).float()
+
+
+class _AutocastMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, dtype):
+        a, b = a.to(dtype), b.to(dtype)
+        ctx.save_for_backward(a, b)
+        ctx.dtype = dtype
+        return _rounded_product(a, b, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        return _rounded_product(grad, b.T, ctx.dtype), _rounded_product(a.T, grad, ctx.dtype), None
+
+
+def autocast_matmul(a, b, dtype):
+    """a @ b as CUDA autocast computes it, forward and backward: operands rounded to
+    ``dtype``, their exact products accumulated in float32, each result rounded to ``dtype``
+    (in float32 arithmetic: the CPU's 16-bit matmuls are slow at D = 8192)."""
+    return _AutocastMatmul.apply(a, b, dtype)
+
+
+def _autocast_official(z1, z2, dtype=torch.bfloat16):
+    """The official loss with BatchNorm in float32 and the matmul in ``dtype``."""
     def official(a, b):
         a_n = torch.nn.functional.batch_norm(a.float(), None, None, training=True, eps=1e-5)
         b_n = torch.nn.functional.batch_norm(b.float(), None, None, training=True, eps=1e-5)
-        c = (a_n.bfloat16().T @ b_n.bfloat16()).float() / a.shape[0]
+        c = autocast_matmul(a_n.T, b_n, dtype) / a.shape[0]
         off = c - torch.diag(torch.diagonal(c))
         return torch.diagonal(c).add(-1).pow(2).sum() + 0.0051 * off.pow(2).sum()
     return loss_and_grads(official, z1, z2)
@@ -198,16 +224,16 @@ def vicreg_embeddings(N, D, dtype=torch.float32, device="cpu"):
     return (x * 0.3).to(dtype), y.to(dtype)  # some features below unit std: the hinge is active
 
 
-def _vicreg_autocast_baseline(x, y):
+def _vicreg_autocast_baseline(x, y, dtype=torch.bfloat16):
     """The official loss with centering and statistics in float32 and the covariance
-    matmuls in bfloat16."""
+    matmuls in ``dtype``."""
     def official(a, b):
         N, D = a.shape
         loss = 25 * torch.nn.functional.mse_loss(a.float(), b.float())
         for z in (a, b):
             zc = z.float() - z.float().mean(0)
             loss = loss + 25 / 2 * torch.relu(1 - torch.sqrt(zc.var(0) + 1e-4)).mean()
-            cov = (zc.bfloat16().T @ zc.bfloat16()).float() / (N - 1)
+            cov = autocast_matmul(zc.T, zc, dtype) / (N - 1)
             loss = loss + (cov.square().sum() - torch.diagonal(cov).square().sum()) / D
         return loss
     return loss_and_grads(official, x, y)
@@ -237,7 +263,7 @@ def vicreg_error_terms(x, y, dtype):
 
 
 @pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("formulation", ["gram", "cross"])
 @pytest.mark.parametrize("N,D", VICREG_SHAPES, ids=[str(s) for s in VICREG_SHAPES])
 def test_vicreg_loss_and_gradients_equal_official(kernel_device, dtype, formulation, N, D, poisoned_outputs):
@@ -246,7 +272,7 @@ def test_vicreg_loss_and_gradients_equal_official(kernel_device, dtype, formulat
         loss, gx, gy = loss_and_grads(VICRegLoss(formulation=formulation), x, y)
     exact = loss_and_grads(vicreg_loss_original, x.double(), y.double())
     base = loss_and_grads(lambda a, b: vicreg_loss_original(a.float(), b.float()), x, y) \
-        if dtype == torch.float32 else _vicreg_autocast_baseline(x, y)
+        if dtype == torch.float32 else _vicreg_autocast_baseline(x, y, dtype)
     assert gx.dtype == dtype
     operand_atol, cancellation = vicreg_error_terms(x, y, dtype)
     assert_accurate(loss, base[0], exact[0], atol=output_rounding(exact[0], torch.float32) + operand_atol,
@@ -292,3 +318,32 @@ def test_vicreg_two_ranks_equal_official_semantics(backend, formulation, tmp_pat
     assert_close(sum(p["loss"] for p in parts).double() / 2, loss, **tolerance)
     assert_close(torch.cat([p["gx"] for p in parts]).double() / 2, gx, **tolerance)
     assert_close(torch.cat([p["gy"] for p in parts]).double() / 2, gy, **tolerance)
+
+
+@pytest.mark.parametrize("kernel_device", kernel_devices(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["barlow", "vicreg"])
+def test_one_sample_at_three_times_the_norm_keeps_16_bit_gradients_accurate(kernel_device, dtype, loss,
+                                                                           poisoned_outputs):
+    """The recipe's D = 8192 on the default path (N < D: the Gram form). The N x N Gram
+    matrices' entries are squared row norms, about D; one sample at 3x the others' norm puts
+    its entry near 9 D = 73,728, past float16's 65504, and the backward once cast them to
+    float16 unscaled: non-finite gradients where the float64 reference's are at most 0.43."""
+    N, D = 64, 8192
+    z1, z2 = (vicreg_embeddings if loss == "vicreg" else embeddings)(N, D, torch.float32, kernel_device)
+    z1[0] *= 3
+    z1, z2 = z1.to(dtype), z2.to(dtype)
+    if loss == "barlow":
+        fn, official, baseline = barlow_twins_loss, barlow_twins_loss_original, _autocast_official
+        gradient_atols = standardization_cancellation(z1, z2)
+    else:
+        fn, official, baseline = vicreg_loss, vicreg_loss_original, _vicreg_autocast_baseline
+        gradient_atols = vicreg_error_terms(z1, z2, dtype)[1]
+    with fastssl.use_backend("triton"):
+        got = loss_and_grads(fn, z1, z2)
+    exact = loss_and_grads(official, z1.double(), z2.double())
+    base = baseline(z1, z2, dtype)
+    for index, (value, expected, atol) in enumerate(zip(got[1:], exact[1:], gradient_atols)):
+        assert torch.isfinite(value).all()
+        assert_accurate(value, base[index + 1], expected, atol=output_rounding(expected, dtype) + atol,
+                        what=f"gradient of view {index + 1}")

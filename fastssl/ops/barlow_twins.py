@@ -14,7 +14,11 @@ and, with d_i = -2 (1 - C_ii) - 2 lambd C_ii,
 
 The Gram form is used when N < D (never allocating D x D), the C form otherwise. Four
 Triton kernels do the forward and the elementwise backward; the backward's two matmuls
-(G2 z1n and G1 z2n, or z2n C.T and z1n C) run on cuBLAS:
+(G2 z1n and G1 z2n, or z2n C.T and z1n C) run on cuBLAS, with 16-bit operands and float32
+results. G's entries are squared row norms, about D for standardized rows (8192 in the
+recipe), so one sample at 3x the others' norm takes them past float16's 65504: the float32
+matrix is scaled by a power of two before its cast (:func:`matmul_operand`), and the
+kernel takes the scale back out in float32, exactly.
 
 - ``_standardize_pair_kernel``: z1n, z2n (float32) from the column statistics, and the
   column sums of z1n * z2n (N * C_ii). Reads 2 N D e bytes (e: bytes per input element),
@@ -45,6 +49,8 @@ is not autograd-aware and gives gradients 1/world_size too small).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -100,11 +106,12 @@ def _standardize_pair_kernel(
 
 @triton.jit
 def _standardize_backward_kernel(
-    gram_ptr, other_ptr, zn_ptr, d_ptr, rstd_ptr, sums_ptr, grad_loss_ptr, out_ptr,
-    N, D, rows_per_split, alpha, inv_n, world,
+    gram_ptr, other_ptr, zn_ptr, d_ptr, rstd_ptr, alpha_ptr, sums_ptr, grad_loss_ptr, out_ptr,
+    N, D, rows_per_split, inv_n, world,
     SUMS: tl.constexpr, CENTER_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dzn = alpha * gram + other * d / N, formed on the fly (all (N, D) contiguous).
+    """dzn = alpha * gram + other * d / N, formed on the fly (all (N, D) contiguous; alpha a
+    one-element tensor, as it carries the operand scale of :func:`matmul_operand`).
 
     SUMS: sums[split, 0 | 1, col] = column sums of dzn | dzn * zn over the split's rows.
     Otherwise: out = grad_loss * world * rstd * (dzn - sums[0] / N_global - zn * sums[1] / N_global),
@@ -114,6 +121,7 @@ def _standardize_backward_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     d = tl.load(d_ptr + cols, mask=col_mask, other=0.0)
+    alpha = tl.load(alpha_ptr)
     if SUMS:
         sum_dzn = tl.zeros([BLOCK_D], dtype=tl.float32)
         sum_dzn_zn = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -255,8 +263,8 @@ def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
     torch matmuls with float32 output, then the product: cuBLAS's tuned GEMMs, at the cost
     of reading G1 and G2 once more."""
     if matmul == "cublas":
-        g1 = _float32_gram(a1, b1)
-        g2 = None if a2 is None else _float32_gram(a2, b2)
+        g1 = float32_matmul(a1, b1.t())
+        g2 = None if a2 is None else float32_matmul(a2, b2.t())
         return g1, g2, (g1 * (g1 if g2 is None else g2)).sum()
     M, N = a1.shape[0], b1.shape[0]
     block, block_k, warps = GRAM_TILES
@@ -272,15 +280,35 @@ def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
     return g1, g2, partial.sum()
 
 
-def _float32_gram(a, b):
-    """a b.T in float32: 16-bit operands multiply on tensor cores with float32 accumulation
+def float32_matmul(a, b):
+    """a @ b in float32: 16-bit operands multiply on tensor cores with float32 accumulation
     and output (torch.mm's out_dtype on CUDA; exact float32 copies elsewhere, which give the
     same exact products)."""
     if a.dtype == torch.float32:
-        return a @ b.t()
+        return a @ b
     if a.is_cuda:
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
-    return a.float() @ b.float().t()
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+SCALED_LARGEST = 2.0**14  # float16's largest finite value is 65504, just under 2^16
+
+
+def matmul_operand(matrix: torch.Tensor, dtype: torch.dtype, largest):
+    """``matrix`` (float32) as a ``dtype`` matmul operand, and the factor s it was scaled by.
+
+    16-bit: s is the power of two that brings ``largest`` (a bound on |matrix|: a float, or
+    a 0-dim tensor computed on the device) to within (2^13, 2^14], so the cast cannot
+    overflow float16 and the entries stay far from its subnormals; a power of two scales
+    exactly, so s * matrix rounds as matrix would. float32: matrix itself, s = 1."""
+    if dtype == torch.float32:
+        return matrix, 1.0
+    if isinstance(largest, torch.Tensor):
+        exponent = torch.ceil(torch.log2(largest.float().clamp_min(2.0**-100)))
+        scale = torch.exp2(math.log2(SCALED_LARGEST) - exponent)
+    else:
+        scale = SCALED_LARGEST / 2.0 ** math.ceil(math.log2(max(largest, 2.0**-100)))
+    return (matrix * scale).to(dtype), scale
 
 
 def cross_correlation(a, b, scale, reduce):
@@ -336,18 +364,23 @@ def standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
 
 def standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, world, group, out_dtype):
     """dL/dz for dL/dzn = alpha * gram + other * d / n_global, through the standardization
-    zn = (z - mean) * rstd, or through the centering zn = z - mean when ``rstd`` is None."""
+    zn = (z - mean) * rstd, or through the centering zn = z - mean when ``rstd`` is None.
+    ``alpha``: a float, or a 0-dim tensor on zn's device."""
     N, D = zn.shape
     splits, rows_per_split = _row_splits(N, D, zn.device)
     grid = (triton.cdiv(D, BLOCK_D), splits)
     sums = torch.empty((splits, 2, D), dtype=torch.float32, device=zn.device)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.float().reshape(1)
+    else:  # a fill, not a copy from the host
+        alpha = torch.full((1,), alpha, dtype=torch.float32, device=zn.device)
     common = dict(CENTER_ONLY=rstd is None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, None, N, D, rows_per_split,
-                                       alpha, 1.0 / n_global, float(world), SUMS=True, **common)
+    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, None, N, D, rows_per_split,
+                                       1.0 / n_global, float(world), SUMS=True, **common)
     sums = all_reduce(sums.sum(0), group)
     dz = torch.empty((N, D), dtype=out_dtype, device=zn.device)
-    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, sums, grad_loss, dz, N, D, rows_per_split,
-                                       alpha, 1.0 / n_global, float(world), SUMS=False, **common)
+    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, dz, N, D, rows_per_split,
+                                       1.0 / n_global, float(world), SUMS=False, **common)
     return dz
 
 
@@ -393,23 +426,30 @@ class _BarlowTwins(torch.autograd.Function):
         z1n, z2n, rstd1, rstd2, c_diag, mm_diag, *saved = ctx.saved_tensors
         lambd, group, gram_form, n_global, world, dtype1, dtype2 = ctx.constants
         d = (-2 * (1 - c_diag) - 2 * lambd * mm_diag).contiguous()
-        # The gradient matmuls run in the inputs' dtype (tensor cores), like the official
-        # loss's backward under autocast, which casts dL/dC to bfloat16.
+        # The gradient matmuls take operands in the inputs' dtype (tensor cores), like the
+        # official loss's backward under autocast, which casts dL/dC to bfloat16; their
+        # float32 matrices enter scaled into float16's range (see matmul_operand).
         if gram_form:
             g1_rows, g2_rows, all1, all2 = saved
-            gram1, gram2 = g2_rows.to(all1.dtype) @ all1, g1_rows.to(all2.dtype) @ all2
+            # |G| <= trace(G) = sum_b ||z_b||^2 <= N D: every standardized column has norm^2 <= N.
+            largest = n_global * z1n.shape[1]
+            (g2, scale1), (g1, scale2) = (matmul_operand(g2_rows, all1.dtype, largest),
+                                          matmul_operand(g1_rows, all2.dtype, largest))
+            gram1, gram2 = float32_matmul(g2, all1), float32_matmul(g1, all2)
             alpha = 2 * lambd / n_global**2
         else:
             c, mm1, mm2 = saved
-            gram1, gram2 = mm2 @ c.t().to(mm2.dtype), mm1 @ c.to(mm1.dtype)
+            # |C_ij| <= 1: a correlation of standardized columns.
+            (c_t, scale1), (c_, scale2) = matmul_operand(c.t(), mm2.dtype, 1.0), matmul_operand(c, mm1.dtype, 1.0)
+            gram1, gram2 = float32_matmul(mm2, c_t), float32_matmul(mm1, c_)
             alpha = 2 * lambd / n_global
         # DDP averages gradients over ranks and every rank's loss is the global one, so each
         # rank's gradients are scaled by the world size.
         grad_loss = grad_loss.float().reshape(1).contiguous()
-        dz1 = standardize_backward(gram1.contiguous(), z2n, z1n, d, rstd1, alpha, n_global, grad_loss, world,
-                                    group, dtype1)
-        dz2 = standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha, n_global, grad_loss, world,
-                                    group, dtype2)
+        dz1 = standardize_backward(gram1.contiguous(), z2n, z1n, d, rstd1, alpha / scale1, n_global, grad_loss,
+                                    world, group, dtype1)
+        dz2 = standardize_backward(gram2.contiguous(), z1n, z2n, d, rstd2, alpha / scale2, n_global, grad_loss,
+                                    world, group, dtype2)
         return dz1, dz2, None, None, None, None, None
 
 

@@ -42,8 +42,10 @@ from fastssl.ops.barlow_twins import (
     check_matmul,
     check_view_pair,
     cross_correlation,
+    float32_matmul,
     global_mean_var,
     gram_pair,
+    matmul_operand,
     raise_if_not_finite,
     standardize_backward,
     standardize_pair,
@@ -108,13 +110,18 @@ class _VICReg(torch.autograd.Function):
             hinge = (std < 1).float() * std_coeff / (2 * D * (n_global - 1) * std)
             # The kernel scales d by 1 / N_global.
             d = (-(4 * cov_coeff / (D * (n_global - 1))) * mm_var - hinge) * n_global
+            # 16-bit operands of float32 results, the float32 matrix scaled into float16's range
+            # (matmul_operand) by a bound from the variances: |G| <= trace(G) = (N - 1) sum var,
+            # |cov| <= max var.
             if gram_form:
-                matrix_term = matrix.to(operand.dtype) @ operand  # (this rank's rows of G) Xc
+                scaled, scale = matmul_operand(matrix, operand.dtype, (n_global - 1) * mm_var.sum())
+                matrix_term = float32_matmul(scaled, operand)  # (this rank's rows of G) Xc
                 alpha = 4 * cov_coeff / (D * (n_global - 1) ** 2)
             else:
-                matrix_term = operand @ matrix.to(operand.dtype)  # Xc (Xc.T Xc / (N - 1))
+                scaled, scale = matmul_operand(matrix, operand.dtype, mm_var.max())
+                matrix_term = float32_matmul(operand, scaled)  # Xc (Xc.T Xc / (N - 1))
                 alpha = 4 * cov_coeff / (D * (n_global - 1))
-            grads.append(standardize_backward(matrix_term.contiguous(), zc, zc, d.contiguous(), None, alpha,
+            grads.append(standardize_backward(matrix_term.contiguous(), zc, zc, d.contiguous(), None, alpha / scale,
                                               n_global, grad_loss, world, group, torch.float32))
         # The invariance term is this rank's own: no world-size scaling.
         invariance = (x.float() - y.float()) * (grad_loss * (2 * sim_coeff / x.numel()))
