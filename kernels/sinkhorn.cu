@@ -46,11 +46,14 @@ __device__ __forceinline__ void add_value(float& m, float& s, float v) {
   }
 }
 
+// Grid: (problems x column blocks, splits). The problems share axis x with the column
+// blocks (limit 2^31 - 1) rather than taking axis z, whose limit is 65,535.
 template <typename T>
 __global__ void col_lse_partial_kernel(ScoresView s, float scale, const float* __restrict__ lse_b,
-                                       float* __restrict__ workspace, int64_t splits) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * COLUMN_THREADS + threadIdx.x;
-  const int64_t split = blockIdx.y, p = blockIdx.z;
+                                       float* __restrict__ workspace, int64_t splits, int64_t column_blocks) {
+  const int64_t p = blockIdx.x / column_blocks;
+  const int64_t k = (blockIdx.x % column_blocks) * COLUMN_THREADS + threadIdx.x;
+  const int64_t split = blockIdx.y;
   if (k >= s.cols) return;
   const int64_t rows_per_split = (s.rows + splits - 1) / splits;
   const int64_t begin = split * rows_per_split, end = min(s.rows, begin + rows_per_split);
@@ -150,9 +153,10 @@ void sinkhorn_col_lse_cuda(const ScoresView& s, float scale, uintptr_t lse_b, ui
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   dispatch_cuda_dtype(s.dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const dim3 grid((s.cols + COLUMN_THREADS - 1) / COLUMN_THREADS, splits, s.problems);
+    const int64_t column_blocks = (s.cols + COLUMN_THREADS - 1) / COLUMN_THREADS;
+    const dim3 grid(s.problems * column_blocks, splits);
     col_lse_partial_kernel<T><<<grid, COLUMN_THREADS, 0, cuda_stream>>>(
-        s, scale, reinterpret_cast<const float*>(lse_b), reinterpret_cast<float*>(workspace), splits);
+        s, scale, reinterpret_cast<const float*>(lse_b), reinterpret_cast<float*>(workspace), splits, column_blocks);
   });
   check_launch("sinkhorn_col_lse_cuda (partials)");
   const int64_t outputs = s.problems * s.cols;

@@ -61,7 +61,7 @@ from fastssl._checks import check_finite, check_float_tensor, check_positive_flo
 from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, gather_rows, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
-from fastssl.ops.triton_math import mma
+from fastssl.ops.triton_math import mma, programs_per_wave
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
 BLOCK_N, BLOCK_D = 32, 128  # standardization kernels
@@ -232,7 +232,7 @@ def _cross_correlation_kernel(
 
 def _row_splits(N: int, D: int, device: torch.device):
     """Rows per program so that the (D blocks x splits) grid fills the device."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    target = programs_per_wave(device, elsewhere=4)
     splits = max(1, min(triton.cdiv(N, BLOCK_N), triton.cdiv(target, triton.cdiv(D, BLOCK_D))))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_N) * BLOCK_N
     return triton.cdiv(N, rows_per_split), rows_per_split

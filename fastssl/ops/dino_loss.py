@@ -19,7 +19,9 @@ Kernels (bytes for e-byte logits, R = (S + T) * B rows):
   partials: teacher max and sum, student max and sum, and the T x S dots, each rescaled to
   the chunk's own max. It also sums the raw teacher rows for the center. Reads ``R*K*e``;
   writes ``B*(2T + 2S + T*S)`` floats per chunk, merged by a few PyTorch ops into O(R) stats.
-- ``_dino_backward_kernel``: grid (K chunks, images). Recomputes q and the student softmax
+- ``_dino_backward_kernel``: grid (images, K chunks): the images on axis 0, whose limit is
+  2^31 - 1 (axes 1 and 2 stop at 65,535, and iBOT's rows, masked patches, pass that at
+  DINOv2's 518-px stage). Recomputes q and the student softmax
   from the saved O(R) statistics (per row: raw maximum, log2-sum relative to it) and
   writes ``dL/ds = w[b] / tau_s * sum_i P[i,v] * (sum(q_i) p_v - q_i)`` once: reads
   ``R*K*e``, writes ``S*B*K*e``.
@@ -37,6 +39,7 @@ import triton.language as tl
 
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.backend import Reason, select_backend
+from fastssl.ops.triton_math import programs_per_wave
 from fastssl.reference.dino import dino_cross_entropy_reference
 
 LOG2_E = 1.4426950408889634
@@ -139,9 +142,9 @@ def _dino_backward_kernel(
     T: tl.constexpr, S: tl.constexpr, T_PAD: tl.constexpr, S_PAD: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr, HAS_CENTER: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dL/ds for the S student rows of image program_id(1), columns of chunk program_id(0)."""
-    b = tl.program_id(1)
-    cols, col_mask, t_rows, s_rows, t_mask, s_mask = _crop_tile(tl.program_id(0), K, T, S, T_PAD, S_PAD, BLOCK_K)
+    """dL/ds for the S student rows of image program_id(0), columns of chunk program_id(1)."""
+    b = tl.program_id(0)
+    cols, col_mask, t_rows, s_rows, t_mask, s_mask = _crop_tile(tl.program_id(1), K, T, S, T_PAD, S_PAD, BLOCK_K)
     t_valid = t_rows < T
     s_valid = s_rows < S
 
@@ -202,8 +205,7 @@ def _forward_partials(student, teacher, center, n_student, n_teacher, student_te
     B = student.shape[0] // n_student
     t_pad, s_pad, block_k, num_warps = _launch_shape(K, n_student, n_teacher)
     n_chunks = triton.cdiv(K, block_k)
-    target = 4 * torch.cuda.get_device_properties(student.device).multi_processor_count \
-        if student.is_cuda else 4
+    target = programs_per_wave(student.device, elsewhere=4)
     n_groups = max(1, min(B, triton.cdiv(target, n_chunks)))
     images_per_group = triton.cdiv(B, n_groups)
     n_groups = triton.cdiv(B, images_per_group)
@@ -274,7 +276,7 @@ def _dino_backward_triton(grad_out, student, teacher, center, student_stats, tea
     B = student.shape[0] // n_student
     t_pad, s_pad, block_k, num_warps = _launch_shape(K, n_student, n_teacher)
     grad = torch.empty_like(student)
-    _dino_backward_kernel[(triton.cdiv(K, block_k), B)](
+    _dino_backward_kernel[(B, triton.cdiv(K, block_k))](
         student, teacher, center, grad, student_stats, teacher_stats, pair_weights, sample_weights,
         grad_out.float(), B, K, student.stride(0), teacher.stride(0), grad.stride(0),
         *_scales(student_temp, teacher_temp),

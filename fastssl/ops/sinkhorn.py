@@ -55,6 +55,7 @@ from fastssl.distributed import (
     group_name,
     resolve_group,
 )
+from fastssl.ops.triton_math import programs_per_wave
 from fastssl.reference.sinkhorn import sinkhorn_knopp_log_domain
 
 LOG2_E = 1.4426950408889634
@@ -255,12 +256,6 @@ def _num_warps(tile_elements: int) -> int:
     return 4 if tile_elements <= 2048 else 16
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs to aim for per launch: a few waves on a GPU, few under the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
 
 def _logsumexp_reduce(
     values: torch.Tensor,
@@ -280,7 +275,7 @@ def _logsumexp_reduce(
     block_keep = min(block_keep, triton.next_power_of_2(n_keep))
     n_keep_blocks = triton.cdiv(n_keep, block_keep)
     reduce_blocks = triton.cdiv(n_reduce, block_reduce)
-    wanted = triton.cdiv(_target_programs(values.device), n_keep_blocks * n_problems)
+    wanted = triton.cdiv(programs_per_wave(values.device, elsewhere=8), n_keep_blocks * n_problems)
     n_splits = max(1, min(reduce_blocks, wanted))
     reduce_per_split = triton.cdiv(reduce_blocks, n_splits) * block_reduce
     n_splits = triton.cdiv(n_reduce, reduce_per_split)
@@ -356,7 +351,8 @@ def _sinkhorn_native(scores: torch.Tensor, eps: float, n_iters: int, group: Proc
     q = torch.empty((n_problems, B, K), device=scores.device, dtype=torch.float32)
     if scores.is_cuda:
         stream = _native.stream_of(scores)
-        splits = max(1, min(triton.cdiv(B, 64), _target_programs(scores.device) // max(1, triton.cdiv(K, 256))))
+        column_blocks = max(1, triton.cdiv(K, 256))
+        splits = max(1, min(triton.cdiv(B, 64), programs_per_wave(scores.device, elsewhere=8) // column_blocks))
         workspace = torch.empty(2 * n_problems * splits * K, device=scores.device, dtype=torch.float32)
 
         def prototype_half(lse_b, lse_k):

@@ -56,6 +56,7 @@ import triton.language as tl
 from fastssl._checks import check_finite, check_float_tensor
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.ops._soft_sort_native import soft_sort_backward_native, soft_sort_forward_native, why_not_native
+from fastssl.ops.triton_math import programs_per_wave
 from fastssl.reference.diffsort import (
     DISTRIBUTIONS,
     check_distribution,
@@ -324,9 +325,7 @@ def checkpoint_interval(n_layers: int, device: torch.device) -> int:
 
 
 def backward_programs(rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(rows, 4)
+    return min(rows, programs_per_wave(device, elsewhere=4))
 
 
 def _soft_sort_forward_triton(x, steepness, network, distribution, art_lambda):

@@ -1,7 +1,16 @@
-"""Triton helpers shared by the ops' kernels."""
+"""Triton helpers shared by the ops' kernels and launchers."""
 
+import torch
 import triton
 import triton.language as tl
+
+
+def programs_per_wave(device: torch.device, elsewhere: int) -> int:
+    """How many programs a launch that splits its work freely should aim for: four per SM
+    (a few waves) on a GPU, ``elsewhere`` under the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return elsewhere
 
 
 @triton.jit
