@@ -42,10 +42,26 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def host_reads_are_free(value: torch.Tensor) -> bool:
+    """Whether reading ``value``'s data on the host costs no synchronization: on the CPU,
+    outside torch.compile's tracing."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_finite(name: str, value: torch.Tensor, consequence: str = "") -> None:
-    """NaN or Inf in ``value`` raises, naming it. One synchronization, skipped under
-    torch.compile and CUDA graph capture (which cannot take a data-dependent branch)."""
-    if torch.compiler.is_compiling() or (value.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or Inf" + (f"; {consequence}" if consequence else ""))
+    """NaN or Inf in ``value`` stops the op, naming it, without a host synchronization.
+
+    On the CPU the values are read at once and a ValueError is raised. On a GPU reading them
+    would stall the host on the device at every call, so the check is a device-side assert
+    (``torch._assert_async``), queued with the op's kernels: the device prints the message,
+    and the process gets a "device-side assert triggered" error at its next synchronization
+    (with ``CUDA_LAUNCH_BLOCKING=1``, at the op itself). A failed assert stops the device's
+    work, so nothing computed from the bad input reaches a result. Under torch.compile it is
+    traced into the graph as the same assert."""
+    message = f"{name} contains NaN or Inf" + (f"; {consequence}" if consequence else "")
+    finite = torch.isfinite(value).all()
+    if host_reads_are_free(value):
+        if not bool(finite):
+            raise ValueError(message)
+    else:
+        torch._assert_async(finite, message)

@@ -22,7 +22,8 @@ from fastssl.ops import barlow_twins, dino_loss, sinkhorn
 
 # fastssl.ops exports functions of these modules' names
 info_nce, neco_loss, soft_sort, varlen_attention = (
-    importlib.import_module(f"fastssl.ops.{name}") for name in ("info_nce", "neco_loss", "soft_sort", "varlen_attention"))
+    importlib.import_module(f"fastssl.ops.{name}")
+    for name in ("info_nce", "neco_loss", "soft_sort", "varlen_attention"))
 
 CUDA_AXIS_LIMITS = (2**31 - 1, 65535, 65535)
 HIP_WORK_ITEMS = 2**32

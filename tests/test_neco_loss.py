@@ -215,3 +215,9 @@ def test_neco_module_queue():
     references = module.references_from_queue(2)
     assert references.shape == (2, 3, 4)
     assert torch.isfinite(module(student, teacher))
+    # A checkpoint restores the queue's place, which the module keeps on the host.
+    restored = NeCoLoss(dim=4, n_references=3, queue_size=5)
+    restored.load_state_dict(module.state_dict())
+    restored.update_queue(torch.full((1, 4), -1.0))
+    assert int(restored.queue_count) == 5 and int(restored.queue_position) == 2
+    assert_close(restored.queue[1], torch.full((4,), -1.0))

@@ -81,6 +81,14 @@ class NeCoLoss(nn.Module):
         self.register_buffer("queue", torch.zeros(queue_size, dim))
         self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        # Host copies of the two buffers: reading a GPU buffer every step would synchronize.
+        # The buffers carry them in checkpoints and are read back once when one is loaded.
+        self._position, self._count = 0, 0
+        self.register_load_state_dict_post_hook(NeCoLoss._read_queue_state)
+
+    @staticmethod
+    def _read_queue_state(module, incompatible_keys) -> None:
+        module._position, module._count = int(module.queue_position), int(module.queue_count)
 
     @torch.no_grad()
     def update_queue(self, features: torch.Tensor) -> None:
@@ -88,17 +96,17 @@ class NeCoLoss(nn.Module):
         if size == 0:
             return
         features = features.detach().reshape(-1, self.dim)[-size:].to(self.queue.dtype)
-        position = int(self.queue_position)
-        indices = (position + torch.arange(features.shape[0], device=self.queue.device)) % size
+        indices = (self._position + torch.arange(features.shape[0], device=self.queue.device)) % size
         self.queue[indices] = features
-        self.queue_position.fill_((position + features.shape[0]) % size)
-        self.queue_count.fill_(min(size, int(self.queue_count) + features.shape[0]))
+        self._position = (self._position + features.shape[0]) % size
+        self._count = min(size, self._count + features.shape[0])
+        self.queue_position.fill_(self._position)
+        self.queue_count.fill_(self._count)
 
     def references_from_queue(self, batch: int) -> Optional[torch.Tensor]:
-        count = int(self.queue_count)
-        if count < self.n_references:
+        if self._count < self.n_references:
             return None
-        picks = torch.stack([torch.randperm(count, device=self.queue.device)[: self.n_references]
+        picks = torch.stack([torch.randperm(self._count, device=self.queue.device)[: self.n_references]
                              for _ in range(batch)])
         return self.queue[picks]
 

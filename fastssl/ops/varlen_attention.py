@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 from torch.profiler import record_function
 
+from fastssl import _checks
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.ops.triton_math import mma
@@ -617,7 +618,7 @@ def varlen_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if validate is None:
-        validate = cu_seqlens.device.type == "cpu"
+        validate = _checks.host_reads_are_free(cu_seqlens)
     backend = select_backend("varlen_attention", q.device, {
         "triton": lambda: _why_not_triton(q, k, v),
         "reference": lambda: None,
