@@ -12,6 +12,8 @@
 - Under the interpreter, helper calls inside a kernel do not re-patch triton.language
   (tests/interpreter.py): a third of the interpreted time, with the same values; and the
   device-side asserts of ``@triton.jit(debug=True)`` kernels are evaluated, as on a GPU.
+  ``FASTSSL_GPU_MATH=1`` also gives the interpreted kernels the GPU's approximate division,
+  exponentials and logarithms (each result moved randomly within its documented error).
 - Reductions split across threads round differently with another thread count, so the tests
   run torch's and the native extension's OpenMP threads at the CI machine's count.
 
@@ -43,7 +45,11 @@ import interpreter  # noqa: E402
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# FASTSSL_GPU_MATH=1: the interpreted kernels get the GPU's approximate float32 division,
+# exponentials and logarithms (tests/interpreter.py), drawn from each test's seed.
+GPU_MATH = INTERPRETING and os.environ.get("FASTSSL_GPU_MATH", "0") not in ("", "0")
+if INTERPRETING:
     interpreter.patch_helpers_once()
     interpreter.enable_device_asserts()
 
@@ -126,6 +132,8 @@ def seed(request):
     torch.manual_seed(value)
     numpy.random.seed(value)
     random.seed(value)
+    if GPU_MATH and not interpreter.emulate_gpu_math(value):
+        pytest.fail("FASTSSL_GPU_MATH is set, but this triton's interpreter cannot take the GPU's math")
     accuracy.checks.clear()
     request.node.user_properties += [("seed", value), ("seed_index", index)]
     return value
@@ -173,7 +181,7 @@ def kernel_devices():
 @pytest.fixture
 def kernel_device(request):
     device = request.param
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device == "cpu" and not INTERPRETING:
         pytest.skip("the Triton interpreter is off (a CUDA device is present)")
     return device
 
@@ -196,7 +204,7 @@ def kernel_backends(native: bool = False):
 @pytest.fixture
 def kernel_backend(request):
     backend, device = request.param
-    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if backend == "triton" and device == "cpu" and not INTERPRETING:
         pytest.skip("the Triton interpreter is off (a CUDA device is present)")
     return backend, device
 

@@ -98,3 +98,77 @@ def enable_device_asserts() -> bool:
     run_with_debug_options.evaluates_device_asserts = True
     function.run = run_with_debug_options
     return True
+
+
+# Approximate float32 math of NVIDIA GPUs (sm_70 .. sm_120), as Triton lowers it, in units in
+# the last place of the result (CUDA C++ Programming Guide, mathematical functions appendix;
+# PTX ISA, ex2 and div): ``/`` is div.full.f32 (2 ulp), tl.exp2 is ex2.approx.ftz.f32 (2 ulp,
+# subnormal results flushed to zero), tl.exp is ex2.approx.f32 of the float32 product
+# x * log2(e) (2 ulp after that product's rounding), tl.log and tl.log2 call libdevice (1 ulp),
+# tl.erf too (2 ulp), tl.sqrt and tl.rsqrt are sqrt/rsqrt.approx.ftz.f32 (1 and 2 ulp).
+# tl.math.div_rn (div.rn.f32) stays correctly rounded. Read off the PTX of sm_90 binaries.
+GPU_MATH_ULPS = {"create_fdiv": 2, "create_exp2": 2, "create_exp": 2, "create_log": 1, "create_log2": 1,
+                 "create_erf": 2, "create_sqrt": 1, "create_rsqrt": 2}
+FLUSHES_SUBNORMALS = {"create_exp2", "create_sqrt", "create_rsqrt"}
+LOG2_E = 1.4426950408889634
+
+
+def _unit_noise(operands, seed: int):
+    """A value in [-1, 1) per element that depends only on the operands' bits and ``seed``
+    (murmur3's 64-bit finalizer): like the GPU's approximations, the same inputs give the same
+    result, so runs stay reproducible and identical inputs in other layouts agree."""
+    import numpy as np
+
+    operands = np.broadcast_arrays(*[np.asarray(value, dtype=np.float32) for value in operands])
+    key = np.full(operands[0].shape, seed * 0x9E3779B97F4A7C15 % 2**64, dtype=np.uint64)
+    for operand in operands:
+        bits = np.ascontiguousarray(operand).view(np.uint32).astype(np.uint64)
+        key = (key ^ bits) * np.uint64(0xFF51AFD7ED558CCD)
+        key = key ^ (key >> np.uint64(33))
+    key = (key ^ (key >> np.uint64(33))) * np.uint64(0xC4CEB9FE1A85EC53)
+    key = key ^ (key >> np.uint64(33))
+    return (key >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
+
+
+def emulate_gpu_math(seed: int) -> bool:
+    """Give the interpreter the GPU's approximate float32 math: each result of the operations
+    in GPU_MATH_ULPS moves by up to its error bound, by an amount that is a fixed function of
+    its operands (and of ``seed``, so that seeds draw different approximations; call again to
+    reseed), uniform over the bound: near its worst case far more often than a GPU's error is.
+    False if the interpreter is not laid out as expected."""
+    import numpy as np
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if builder is None or not all(hasattr(builder, name) for name in GPU_MATH_ULPS):
+        return False
+    exact_methods = getattr(builder, "exact_math", None) or {name: getattr(builder, name) for name in GPU_MATH_ULPS}
+    builder.exact_math = exact_methods
+
+    def approximate(name):
+        exact, ulps = exact_methods[name], GPU_MATH_ULPS[name]
+
+        def operation(*args):
+            if name == "create_exp" and args[0].data.dtype == np.float32:  # ex2.approx of x * log2(e) in float32
+                result = exact_methods["create_exp2"](
+                    interpreter.TensorHandle(args[0].data * np.float32(LOG2_E), args[0].dtype.scalar))
+            else:
+                result = exact(*args)
+            data = result.data
+            if data.dtype != np.float32:
+                return result
+            finite = np.isfinite(data)
+            step = np.where(finite, np.spacing(np.where(finite, data, 0)), 0)
+            noise = _unit_noise([arg.data for arg in args], seed * len(GPU_MATH_ULPS) + list(GPU_MATH_ULPS).index(name))
+            moved = (data + ulps * step * noise).astype(np.float32)
+            if name in FLUSHES_SUBNORMALS:
+                moved = np.where(np.abs(moved) < np.float32(2.0**-126), np.float32(0), moved)
+            return interpreter.TensorHandle(np.asarray(moved, dtype=np.float32), result.dtype.scalar)
+        return operation
+
+    for name in GPU_MATH_ULPS:
+        setattr(builder, name, approximate(name))
+    return True
