@@ -11,11 +11,13 @@ inside the budget:
 
 0. environment: GPU, driver, torch/triton/CUDA versions, ``fastssl info``, the measured
    ceilings (bf16 matmul, copy bandwidth), whether fastssl._C has CUDA code for this GPU;
-1. correctness on the GPU (about 90 s): each op at one recipe shape in bf16, forward and
-   backward, on the triton and cuda backends, under the accuracy rule of tests/accuracy.py;
+1. correctness on the GPU: each op at one recipe shape in bf16, forward and backward, on the
+   triton and cuda backends, under the accuracy rule of tests/accuracy.py; then the accuracy
+   test suite itself (``pytest -m gpu``, the bounds of the CPU runs and the GPU's own math),
+   stopped after ACCURACY_SUITE_S seconds; the phase is capped at CORRECTNESS_CAP_S;
 2. the headline case of every op with all its contenders (benchmarks/bench_*.py's cases);
-3. end to end: the dino-vits16 and neco-vits14 training steps, kernels on and off;
-4. whatever is left while the budget lasts: the other cases and recipes.
+3. end to end: the dino-vits16 training step, kernels on and off;
+4. whatever is left while the budget lasts: the other cases and recipes (neco-vits14 first).
 
 Every finished step is appended at once to DIR/results.jsonl (flushed), so a kill at any
 moment keeps what finished; at the end DIR/summary.md (ending with every goal the README
@@ -38,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,7 +57,12 @@ import fastssl  # noqa: E402
 from fastssl.benchmark import goals_markdown, measure_ceilings, run_case  # noqa: E402
 
 EAGER_S, KERNEL_S, COMPILE_S = 2.0, 5.0, 15.0
-ENVIRONMENT_S, CORRECTNESS_CAP_S = 20.0, 90.0
+ENVIRONMENT_S, CORRECTNESS_CAP_S, ACCURACY_SUITE_S = 20.0, 180.0, 90.0
+# The GPU's accuracy tests in priority order: the files whose kernels run every recipe's step
+# first, the regression tests of defects the CPU tests could not see near the top of theirs.
+ACCURACY_SUITE = ("tests/test_varlen_attention.py", "tests/test_barlow_twins.py", "tests/test_dino_loss.py",
+                  "tests/test_info_nce.py", "tests/test_sinkhorn.py", "tests/test_soft_sort.py",
+                  "tests/test_neco_loss.py", "tests/test_soft_sort_native.py")
 # e2e: building both paths' models and the batch, then 2 + 8 + 1 steps of each path (warm-up,
 # timed, profiled); the NeCo reference path sorts densely, seconds per step.
 E2E_S = {"dino-vits16": 45.0, "neco-vits14": 75.0, "dinov2-vitl14": 120.0, "swav-rn50": 60.0, "barlow-rn50": 60.0}
@@ -242,7 +250,36 @@ def correctness_steps(device: torch.device, smoke: bool) -> list[Step]:
               ("soft_sort 3136x49", ("triton", native), soft_sort),
               ("neco_loss 3136x49", ("triton", native), neco)]
     return [Step(1, f"correctness: {name} [{backend}]", KERNEL_S, run_check(name, backend, make))
-            for name, backends, make in checks for backend in backends]
+            for name, backends, make in checks for backend in backends] + [
+        Step(1, "correctness: the accuracy test suite (pytest -m gpu)", ACCURACY_SUITE_S,
+             lambda: accuracy_suite(smoke, ACCURACY_SUITE_S))]
+
+
+def accuracy_suite(smoke: bool, time_box: float) -> dict:
+    """``pytest -m gpu`` over ACCURACY_SUITE, stopped after ``time_box`` seconds: the tests
+    that finished, their worst error / bound per file, and every failure with its replay
+    seed (smoke: one CPU test). Each test's checks are logged as it ends, so a stop keeps them."""
+    selection = (["-m", "not gpu", "-k", "recipe_lengths and dtype0", "tests/test_varlen_attention.py"] if smoke
+                 else ["-m", "gpu", *ACCURACY_SUITE])
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "accuracy.jsonl"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={REPO}",
+                   f"--accuracy-log={log}", *selection]
+        try:
+            subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=time_box)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        tests = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    worst: dict = {}
+    for test in tests:
+        ratios = [check["error"] / check["bound"] if check["bound"] else math.inf * (check["error"] > 0)
+                  for check in test["checks"]]
+        file = test["test"].split("::")[0]
+        worst[file] = max([worst.get(file, 0.0), *ratios])
+    failed = [f"{test['test']} (FASTSSL_TEST_SEED={test['seed']})" for test in tests if test["outcome"] == "failed"]
+    return {"suite": "pytest -m gpu", "tests": len(tests), "failed": failed, "worst_error_over_bound": worst,
+            "timed_out": timed_out, "passed": bool(tests) and not failed}
 
 
 # ---------------------------------------------------------------------------- phases 2 and 4
@@ -302,8 +339,9 @@ def e2e_steps(device: torch.device, smoke: bool) -> tuple[list, list]:
     def step(phase, name):
         return Step(phase, f"e2e: {name}", 10.0 if smoke else E2E_S[name],
                     lambda: bench_e2e.run_recipe(name, device, smoke, counts))
-    return ([step(3, name) for name in ("dino-vits16", "neco-vits14")],
-            [step(4, name) for name in bench_e2e.RECIPES if name not in ("dino-vits16", "neco-vits14")])
+    # Phase 3 takes one recipe: the time of a second went to the accuracy suite in phase 1.
+    later = ["neco-vits14"] + [name for name in bench_e2e.RECIPES if name not in ("dino-vits16", "neco-vits14")]
+    return [step(3, "dino-vits16")], [step(4, name) for name in later]
 
 
 # ---------------------------------------------------------------------------- the session
@@ -420,6 +458,11 @@ def _result_text(record: dict) -> str:
     if record["status"] != "done":
         return record.get("reason") or record.get("error", "")
     result = record["result"]
+    if "suite" in result:
+        stop = f", stopped at {ACCURACY_SUITE_S:.0f} s" if result["timed_out"] else ""
+        worst = max(result["worst_error_over_bound"].values(), default=0.0)
+        return (f"{'passed' if result['passed'] else '**failed**'}: {result['tests']} tests{stop}, "
+                f"{len(result['failed'])} failed, worst error / bound {worst:.2f}")
     if "check" in result:
         worst = max(result["outputs"], key=lambda o: o["error"] / o["bound"] if o["bound"] else math.inf)
         return f"{'passed' if result['passed'] else '**failed**'}: {worst['output']} error {worst['error']:.2e}, " \
