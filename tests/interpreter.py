@@ -110,6 +110,11 @@ def enable_device_asserts() -> bool:
 GPU_MATH_ULPS = {"create_fdiv": 2, "create_exp2": 2, "create_exp": 2, "create_log": 1, "create_log2": 1,
                  "create_erf": 2, "create_sqrt": 1, "create_rsqrt": 2}
 FLUSHES_SUBNORMALS = {"create_exp2", "create_sqrt", "create_rsqrt"}
+# Functions whose approximations are exact where the exact value is a float32 (exp2 of an
+# integer, log2 of a power of two: the hardware splits off the exponent). Divisions are
+# moved everywhere: div.full.f32 multiplies by an approximate reciprocal.
+EXACT_WHERE_REPRESENTABLE = {"create_exp2", "create_exp", "create_log", "create_log2"}
+FLOAT64_FUNCTIONS = {"create_exp2": "exp2", "create_exp": "exp2", "create_log": "log", "create_log2": "log2"}
 LOG2_E = 1.4426950408889634
 
 
@@ -152,9 +157,10 @@ def emulate_gpu_math(seed: int) -> bool:
         exact, ulps = exact_methods[name], GPU_MATH_ULPS[name]
 
         def operation(*args):
-            if name == "create_exp" and args[0].data.dtype == np.float32:  # ex2.approx of x * log2(e) in float32
-                result = exact_methods["create_exp2"](
-                    interpreter.TensorHandle(args[0].data * np.float32(LOG2_E), args[0].dtype.scalar))
+            operands = [arg.data for arg in args]
+            if name == "create_exp" and operands[0].dtype == np.float32:  # ex2.approx of x * log2(e) in float32
+                operands = [operands[0] * np.float32(LOG2_E)]
+                result = exact_methods["create_exp2"](interpreter.TensorHandle(operands[0], args[0].dtype.scalar))
             else:
                 result = exact(*args)
             data = result.data
@@ -162,7 +168,11 @@ def emulate_gpu_math(seed: int) -> bool:
                 return result
             finite = np.isfinite(data)
             step = np.where(finite, np.spacing(np.where(finite, data, 0)), 0)
-            noise = _unit_noise([arg.data for arg in args], seed * len(GPU_MATH_ULPS) + list(GPU_MATH_ULPS).index(name))
+            if name in EXACT_WHERE_REPRESENTABLE:
+                with np.errstate(all="ignore"):
+                    wide = getattr(np, FLOAT64_FUNCTIONS[name])(operands[0].astype(np.float64))
+                step = np.where(wide == wide.astype(np.float32).astype(np.float64), 0, step)
+            noise = _unit_noise(operands, seed * len(GPU_MATH_ULPS) + list(GPU_MATH_ULPS).index(name))
             moved = (data + ulps * step * noise).astype(np.float32)
             if name in FLUSHES_SUBNORMALS:
                 moved = np.where(np.abs(moved) < np.float32(2.0**-126), np.float32(0), moved)
@@ -172,3 +182,12 @@ def emulate_gpu_math(seed: int) -> bool:
     for name in GPU_MATH_ULPS:
         setattr(builder, name, approximate(name))
     return True
+
+
+def restore_exact_math() -> None:
+    """Undo :func:`emulate_gpu_math`: the interpreter's own (correctly rounded) math again."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    for name, method in getattr(builder, "exact_math", {}).items():
+        setattr(builder, name, method)

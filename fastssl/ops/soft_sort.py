@@ -76,6 +76,7 @@ INTERPRETER_TILE_ELEMENTS = 65536
 INTERPRETER_CHECKPOINT_EVERY = 1
 MAX_N = 4096
 PI = tl.constexpr(3.141592653589793)
+INV_PI = tl.constexpr(0.3183098861837907)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -84,43 +85,55 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
+def _sigmoid(v):
+    """1 / (1 + exp(-v)) with a correctly rounded division (tl.sigmoid's is div.full.f32)."""
+    return tl.math.div_rn(1.0, 1.0 + tl.exp(-v))
+
+
+@triton.jit
 def _relaxed_min_weight(d, steepness, art_lambda, DISTRIBUTION: tl.constexpr):
     """alpha = F(steepness * d) for ``d = x[hi] - x[lo]``, 1 - alpha and dalpha/dd (the formulas
-    of :func:`fastssl.reference.diffsort.relaxed_min_weight`)."""
+    of :func:`fastssl.reference.diffsort.relaxed_min_weight`).
+
+    Divisions are correctly rounded (tl.math.div_rn), or products with a reciprocal constant:
+    a GPU's ``/`` is div.full.f32, up to 2 ulp off, and a comparator near a tie amplifies its
+    weight's error by up to steepness / pi through every later layer. They are per wire and
+    layer, O(N) beside the O(TILE * N) column mixing, so exactness costs little."""
     if DISTRIBUTION == 0:  # logistic
-        alpha = tl.sigmoid(d * steepness)
+        alpha = _sigmoid(d * steepness)
         slope = steepness * alpha * (1.0 - alpha)
     elif DISTRIBUTION == 1:  # logistic_phi: sigmoid(steepness * d / (|d| + 1e-10)^lambda)
         a = tl.abs(d) + 1e-10
-        alpha = tl.sigmoid(d * steepness / tl.exp2(art_lambda * tl.log2(a)))
-        slope = alpha * (1.0 - alpha) * steepness / tl.exp2(art_lambda * tl.log2(a)) \
-            * (1.0 - art_lambda * tl.abs(d) / a)
+        scale = tl.math.div_rn(steepness, tl.exp2(art_lambda * tl.log2(a)))
+        alpha = _sigmoid(d * scale)
+        slope = alpha * (1.0 - alpha) * scale * (1.0 - art_lambda * tl.math.div_rn(tl.abs(d), a))
     elif DISTRIBUTION == 2:  # gaussian
         v = steepness * d
         alpha = 0.5 + 0.5 * tl.erf(v * INV_SQRT_2)
         slope = steepness * INV_SQRT_2PI * tl.exp(-0.5 * v * v)
     elif DISTRIBUTION == 3:  # reciprocal
         v = steepness * d
-        alpha = 0.5 * (v / (2.0 + tl.abs(v)) + 1.0)
-        slope = steepness / ((2.0 + tl.abs(v)) * (2.0 + tl.abs(v)))
+        alpha = 0.5 * (tl.math.div_rn(v, 2.0 + tl.abs(v)) + 1.0)
+        slope = tl.math.div_rn(steepness, (2.0 + tl.abs(v)) * (2.0 + tl.abs(v)))
     elif DISTRIBUTION == 4:  # cauchy: arctan by reduction to |t| <= tan(pi/8) and a degree-9 odd
         # minimax polynomial (the classic single-precision scheme, about 1 ulp)
         v = steepness * d
         a = tl.abs(v)
         big = a > 2.414213562373095
         mid = a > 0.4142135623730950
-        t = tl.where(big, -1.0 / tl.where(big, a, 1.0), tl.where(mid, (a - 1.0) / (a + 1.0), a))
+        t = tl.where(big, tl.math.div_rn(-1.0, tl.where(big, a, 1.0)),
+                     tl.where(mid, tl.math.div_rn(a - 1.0, a + 1.0), a))
         z = t * t
         p = ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
         atan = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0)) + (p * z * t + t)
-        alpha = tl.where(v < 0, -atan, atan) / PI + 0.5
-        slope = steepness / (PI * (1.0 + v * v))
+        alpha = tl.where(v < 0, -atan, atan) * INV_PI + 0.5
+        slope = tl.math.div_rn(steepness, (1.0 + v * v) * PI)  # tensor * constexpr: the interpreter keeps a tensor
     else:  # optimal
         v = steepness * d
         outside = tl.where(v > 0.25, 1.0, 0.0) - tl.where(v < -0.25, 1.0, 0.0)
         denominator = tl.abs(v) + 1e-10
-        alpha = tl.minimum(tl.maximum(v, -0.25), 0.25) + 0.5 + outside * (0.25 - 0.0625 / denominator)
-        slope = steepness * tl.where(tl.abs(v) <= 0.25, 1.0, 0.0625 / (denominator * denominator))
+        alpha = tl.minimum(tl.maximum(v, -0.25), 0.25) + 0.5 + outside * (0.25 - tl.math.div_rn(0.0625, denominator))
+        slope = steepness * tl.where(tl.abs(v) <= 0.25, 1.0, tl.math.div_rn(0.0625, denominator * denominator))
     return alpha, 1.0 - alpha, slope
 
 
@@ -201,8 +214,8 @@ def _neco_output_adjoint(P, teacher_ptr, codes_ptr, row, tile, n, n_layers, stri
     x_t, P_t = _sort_tile(codes_ptr, n_layers, x_t, P_t, wires, teacher_steepness, art_lambda, TILE, N,
                           DISTRIBUTION)
     valid = (inputs[:, None] < n) & (wires[None, :] < n)
-    scale = tl.load(grad_rows_ptr + row) / n
-    return tl.where(valid & (P > 0), -(P_t * scale) / tl.where(P > 0, P, 1.0), 0.0)
+    scale = tl.math.div_rn(tl.load(grad_rows_ptr + row), n.to(tl.float32))
+    return tl.where(valid & (P > 0), tl.math.div_rn(-(P_t * scale), tl.where(P > 0, P, 1.0)), 0.0)
 
 
 @triton.jit
