@@ -4,6 +4,7 @@
     python tests/stress.py --seeds 50 tests/test_soft_sort.py -k gradient
     python tests/stress.py --seeds 200 --resume         # go on with a stopped run: only the seeds it lacks
     python tests/stress.py --summarize .stress          # tabulate the logs of a run (also a partial one)
+    python tests/stress.py --summarize .stress --save   # their tests' rows into tests/stress.{json,md}, README
     python tests/stress.py --readme                     # README's table from tests/stress.json
 
 An accuracy test is one that makes at least one comparison through tests/accuracy.py. Seed
@@ -177,6 +178,14 @@ def test_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged(saved: list[dict], rows: list[dict], current: set[str]) -> list[dict]:
+    """The saved rows with those of ``rows``' tests replaced (a run of some files updates
+    theirs only), and the rows of tests pytest no longer collects dropped."""
+    by_test = {row["test"]: row for row in saved if row["test"] in current}
+    by_test.update((row["test"], row) for row in rows)
+    return [by_test[test] for test in sorted(by_test)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=200, help="seed indices 0..N-1 (default 200)")
@@ -186,7 +195,8 @@ def main() -> int:
                         help="keep the logs in --out and run only the seed indices each test still lacks")
     parser.add_argument("--summarize", type=Path, metavar="DIR", help="only tabulate the logs in DIR")
     parser.add_argument("--save", action="store_true",
-                        help="also write tests/stress.{json,md} and the README's table (for a whole-suite run)")
+                        help="also write the logged tests' rows into tests/stress.{json,md} and the README's "
+                             "table (the other tests keep theirs; tests no longer collected are dropped)")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README's table from "
                                                               "tests/stress.json")
     args, selection = parser.parse_known_args()
@@ -202,9 +212,10 @@ def main() -> int:
     (out / "summary.md").write_text(test_table(rows) + "\n")
     print(file_table(rows))
     if args.save:
-        SUMMARY.write_text(json.dumps(rows, indent=1) + "\n")
-        TABLE.write_text("# Accuracy bounds over many seeds (tests/stress.py)\n\n" + test_table(rows) + "\n")
-        update_readme(rows)
+        saved = merged(json.loads(SUMMARY.read_text()) if SUMMARY.exists() else [], rows, current)
+        SUMMARY.write_text(json.dumps(saved, indent=1) + "\n")
+        TABLE.write_text("# Accuracy bounds over many seeds (tests/stress.py)\n\n" + test_table(saved) + "\n")
+        update_readme(saved)
     failures = sum(len(row["failures"]) for row in rows)
     print(f"{len(rows)} accuracy tests, {failures} failed runs; per test: {out / 'summary.md'}")
     return 1 if failures else 0
