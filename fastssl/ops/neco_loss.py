@@ -177,7 +177,8 @@ def neco_loss(
 
     ``log P_s`` is guarded where an entry of P_s underflows to 0 (see
     :mod:`fastssl.reference.neco`): always finite, and equal to the original wherever that is.
-    Raises ``ValueError`` on mismatched shapes, n < 2, unknown names or NaN/Inf rows.
+    Raises ``ValueError`` on mismatched shapes, n < 2 or unknown names; NaN/Inf rows stop it
+    (:func:`fastssl._checks.check_finite`: a ValueError on the CPU, a device-side assert on a GPU).
     """
     n = check_sort_arguments("student_sim", student_sim, steepness_student, network, distribution, art_lambda)
     check_sort_arguments("teacher_sim", teacher_sim, steepness_teacher, network, distribution, art_lambda)

@@ -446,7 +446,8 @@ def sinkhorn_knopp(
         (the originals run under ``torch.no_grad``); ``scores`` may require grad.
 
     Unlike the originals it never overflows: it is computed in the log domain, equal to them
-    wherever they are finite. Raises ``ValueError`` if ``scores`` holds NaN or +inf.
+    wherever they are finite. NaN or +inf in ``scores`` stops it (:func:`fastssl._checks.check_finite`:
+    a ValueError on the CPU, a device-side assert on a GPU).
     """
     check_float_tensor("scores", scores, min_dim=2)
     eps = check_positive_float("eps", eps)

@@ -485,7 +485,8 @@ def soft_sort(
         ``(x_sorted, P)``: (..., n) ascending soft-sorted rows and (..., n, n) doubly
         stochastic matrices, ``P[..., i, j]`` = weight of input i at rank j and
         ``x_sorted = x @ P``; both in x's dtype and differentiable with respect to x.
-    Raises ``ValueError`` for n < 2, an unknown network or distribution, or NaN/Inf rows.
+    Raises ``ValueError`` for n < 2 or an unknown network or distribution; NaN/Inf rows stop it
+    (:func:`fastssl._checks.check_finite`: a ValueError on the CPU, a device-side assert on a GPU).
     """
     n = check_sort_arguments("x", x, steepness, network, distribution, art_lambda)
     raise_if_not_finite("x", x)
