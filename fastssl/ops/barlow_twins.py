@@ -440,8 +440,8 @@ class _BarlowTwins(torch.autograd.Function):
         else:
             c, mm1, mm2 = saved
             # |C_ij| <= 1: a correlation of standardized columns.
-            (c_t, scale1), (c_, scale2) = matmul_operand(c.t(), mm2.dtype, 1.0), matmul_operand(c, mm1.dtype, 1.0)
-            gram1, gram2 = float32_matmul(mm2, c_t), float32_matmul(mm1, c_)
+            (c1, scale1), (c2, scale2) = matmul_operand(c.t(), mm2.dtype, 1.0), matmul_operand(c, mm1.dtype, 1.0)
+            gram1, gram2 = float32_matmul(mm2, c1), float32_matmul(mm1, c2)
             alpha = 2 * lambd / n_global
         # DDP averages gradients over ranks and every rank's loss is the global one, so each
         # rank's gradients are scaled by the world size.

@@ -256,7 +256,6 @@ def _num_warps(tile_elements: int) -> int:
     return 4 if tile_elements <= 2048 else 16
 
 
-
 def _logsumexp_reduce(
     values: torch.Tensor,
     reduce_dim: int,

@@ -127,7 +127,9 @@ def _relaxed_min_weight(d, steepness, art_lambda, DISTRIBUTION: tl.constexpr):
         p = ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
         atan = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0)) + (p * z * t + t)
         alpha = tl.where(v < 0, -atan, atan) * INV_PI + 0.5
-        slope = tl.math.div_rn(steepness, (1.0 + v * v) * PI)  # tensor * constexpr: the interpreter keeps a tensor
+        # (1 + v^2) * PI, not PI * (1 + v^2): under the interpreter a constexpr times a tensor
+        # stays a constexpr, which div_rn refuses.
+        slope = tl.math.div_rn(steepness, (1.0 + v * v) * PI)
     else:  # optimal
         v = steepness * d
         outside = tl.where(v > 0.25, 1.0, 0.0) - tl.where(v < -0.25, 1.0, 0.0)
