@@ -2,14 +2,17 @@
 extension fastssl._C (csrc/ and kernels/) through CMake and Ninja.
 
 - A C++ compiler and CMake present: the C++ CPU kernels are built, and the CUDA kernels too
-  when CMake finds nvcc (architectures from FASTSSL_CUDA_ARCHS, default "80;90"). A build
-  that starts and fails fails the install: a broken kernel must not pass unnoticed.
+  when CMake finds nvcc: for FASTSSL_CUDA_ARCHS (CMake's syntax, e.g. "86"), by default for
+  every NVIDIA target of fastssl/devices.py that this nvcc can build, with the newest one's
+  PTX for later GPUs. A build that starts and fails fails the install: a broken kernel must
+  not pass unnoticed.
 - No C++ compiler or no CMake: the extension is skipped with a warning, the package installs
   and runs on its Triton and reference backends, and ``fastssl info`` says why.
 - FASTSSL_NO_NATIVE=1 skips the extension on purpose.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +39,20 @@ def _missing_tool() -> str | None:
     return None
 
 
+def default_cuda_archs() -> str:
+    """The NVIDIA architectures of fastssl/devices.py (read as text: the build environment has
+    no torch) that the CUDA compiler lists, as CMake's CUDA_ARCHITECTURES: binaries for
+    each, and PTX of the newest too, which the driver compiles for GPUs newer than all."""
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc")
+    if nvcc is None:
+        return ""
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    buildable = {int(arch) for arch in re.findall(r"compute_(\d+)", listed)}
+    targets = {int(arch) for arch in re.findall(r'"sm_(\d+)"', (ROOT / "fastssl" / "devices.py").read_text())}
+    archs = sorted(targets & buildable)
+    return ";".join([f"{arch}-real" for arch in archs[:-1]] + [str(arch) for arch in archs[-1:]])
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         reason = _missing_tool()
@@ -50,8 +67,10 @@ class CMakeBuild(build_ext):
             "cmake", "-S", str(ROOT), "-B", str(build_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
-            f"-DFASTSSL_CUDA_ARCHS={os.environ.get('FASTSSL_CUDA_ARCHS', '80;90')}",
         ]
+        archs = os.environ.get("FASTSSL_CUDA_ARCHS") or default_cuda_archs()
+        if archs:
+            configure.append(f"-DFASTSSL_CUDA_ARCHS={archs}")
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
         subprocess.run(configure, check=True)

@@ -14,8 +14,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_status") = FASTSSL_CUDA_STATUS;
 #ifdef FASTSSL_WITH_CUDA
   m.attr("has_cuda") = true;
+  m.attr("cuda_archs") = FASTSSL_CUDA_ARCHS;  // CMake's list, comma-separated: "75-real,80-real,...,120"
 #else
   m.attr("has_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
 
   py::class_<ScoresView>(m, "ScoresView")

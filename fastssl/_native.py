@@ -7,6 +7,7 @@ backend selection only reads module globals (which torch.compile can trace).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Optional
@@ -40,11 +41,36 @@ def cpp_reason() -> Optional[str]:
     return _MISSING
 
 
-def cuda_reason() -> Optional[str]:
-    """Why the CUDA kernels cannot run, or None."""
+def runs_on(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for CMake's CUDA_ARCHITECTURES ``archs`` ("75-real,80-real,120") runs
+    on a GPU of compute capability ``capability``: a binary runs on its own major version at
+    the same or a later minor one; PTX (an arch without "-real") on any later GPU."""
+    major, minor = capability
+    for arch in filter(None, archs.split(",")):
+        number = int(arch.split("-")[0])
+        if number // 10 == major and number % 10 <= minor:
+            return True
+        if not arch.endswith("-real") and number <= 10 * major + minor:
+            return True
+    return False
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_reason(device: torch.device) -> Optional[str]:
+    """Why the CUDA kernels cannot run on ``device`` (a CUDA device), or None."""
     if _MODULE is None:
         return _MISSING
-    return None if _MODULE.has_cuda else f"fastssl._C was {_MODULE.cuda_status}"
+    if not _MODULE.has_cuda:
+        return f"fastssl._C was {_MODULE.cuda_status}"
+    capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if not runs_on(_MODULE.cuda_archs, capability):
+        return (f"fastssl._C was {_MODULE.cuda_status}, which does not run on this sm_{capability[0]}{capability[1]} "
+                f"GPU; reinstall with FASTSSL_CUDA_ARCHS={capability[0]}{capability[1]} (an nvcc that builds it)")
+    return None
 
 
 def dtype_reason(*tensors: torch.Tensor) -> Optional[str]:

@@ -56,7 +56,9 @@ def triton_interpreter_enabled() -> bool:
 def _why_not_cuda(device: torch.device) -> Reason:
     if device.type != "cuda":
         return f"needs a CUDA device, got {device.type}"
-    return _native.cuda_reason()
+    if torch.version.hip is not None:
+        return "fastssl._C's CUDA kernels are built for NVIDIA GPUs; on ROCm (AMD GPUs) the triton backend runs them"
+    return _native.cuda_reason(device)
 
 
 def _why_not_cpp(device: torch.device) -> Reason:

@@ -12,6 +12,7 @@ import typing
 import torch
 
 import fastssl
+from fastssl.devices import requested_target, target_of
 
 
 def _version(package: str) -> str:
@@ -28,12 +29,18 @@ def _native_status() -> str:
     return f"fastssl._C {_native.native().cuda_status}" if reason is None else reason
 
 
+def _torch_gpu_runtime() -> str:
+    if torch.version.hip is not None:
+        return f"ROCm/HIP {torch.version.hip}"
+    return f"CUDA {torch.version.cuda or 'none'}"
+
+
 def info() -> str:
     """Versions, devices and, per device, each backend with the reason it is unavailable."""
     lines = [
         f"fastssl  {fastssl.__version__}",
         f"python   {platform.python_version()} ({sys.executable})",
-        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"torch    {torch.__version__} ({_torch_gpu_runtime()})",
         f"triton   {_version('triton')}",
         f"native   {_native_status()}",
         "",
@@ -42,14 +49,20 @@ def info() -> str:
     devices = [torch.device("cpu")]
     lines.append(f"  cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        devices.append(torch.device("cuda", index))
+        device = torch.device("cuda", index)
+        facts = target_of(device)
+        devices.append(device)
         lines.append(
-            f"  cuda:{index}: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-            f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs"
+            f"  cuda:{index}: {facts.name}, {facts.memory_gb:.0f} GB, {facts.arch}, {facts.multiprocessors} "
+            f"{'CUs' if facts.vendor == 'hip' else 'SMs'}, {facts.shared_memory // 1024} KiB shared memory per "
+            f"block, {'bf16 and fp16' if facts.bf16 else 'fp16 only (no bf16)'}"
         )
     if not torch.cuda.is_available():
-        lines.append("  no CUDA device")
+        lines.append("  no GPU")
+    target = requested_target()
+    if target is not None:
+        lines.append(f"  FASTSSL_TARGET={target.name}: launches off the GPU are sized for {target.arch} "
+                     f"({target.products})")
     requested = fastssl.backend.requested_backend()
     lines += ["", f"requested backend: {requested or 'none (each op picks the fastest available)'}"]
     for device in devices:

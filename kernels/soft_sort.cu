@@ -166,15 +166,19 @@ int tile_rows_for(int64_t wires) { return static_cast<int>(std::max<int64_t>(1, 
 struct Tile {
   int N, rows, ld;  // wires, input rows in the tile, leading dimension (rows + 1)
   int cur;          // which buffer holds the current state
-  float* x[2];
+  float* values;    // x[0], x[1]: N floats each
   float* c;
   int* partner;
-  float* part;  // value phase: dL/dalpha parts of a layer
-  float* g;     // value phase: adjoint of the values
-  float* P[2];
-  float* G[2];
+  float* part;    // value phase: dL/dalpha parts of a layer
+  float* g;       // value phase: adjoint of the values
+  float* tiles;   // P[0], P[1], then G[0], G[1] where the launch reserved them: size() floats each
 
   __device__ int size() const { return N * ld; }
+  // Buffers by computed offset, not through arrays of pointers: an array indexed by the
+  // runtime cur would live in local memory (a stack frame and its loads in every kernel).
+  __device__ float* x(int which) const { return values + which * N; }
+  __device__ float* P(int which) const { return tiles + which * size(); }
+  __device__ float* G(int which) const { return tiles + (2 + which) * size(); }
 };
 
 size_t shared_bytes(int64_t N, int rows, int extra_tiles) {
@@ -187,28 +191,24 @@ __device__ Tile make_tile(float* shared, int N, int rows) {
   t.rows = rows;
   t.ld = rows + 1;
   t.cur = 0;
-  t.x[0] = shared;
-  t.x[1] = t.x[0] + N;
-  t.c = t.x[1] + N;
+  t.values = shared;
+  t.c = t.values + 2 * N;
   t.partner = reinterpret_cast<int*>(t.c + N);
   t.part = t.c + 2 * N;
   t.g = t.part + N;
-  t.P[0] = t.g + N;
-  t.P[1] = t.P[0] + t.size();
-  t.G[0] = t.P[1] + t.size();  // only where the launch reserved them
-  t.G[1] = t.G[0] + t.size();
+  t.tiles = t.g + N;
   return t;
 }
 
 __device__ void load_values(Tile& t, const RowsView& v, int64_t row) {
   for (int w = threadIdx.x; w < t.N; w += blockDim.x)
-    t.x[t.cur][w] = w < v.n ? load_float(v.data, v.dtype, row * v.stride_row + w * v.stride_col) : 0.0f;
+    t.x(t.cur)[w] = w < v.n ? load_float(v.data, v.dtype, row * v.stride_row + w * v.stride_col) : 0.0f;
 }
 
 __device__ void load_identity(Tile& t, int first_input) {
   for (int e = threadIdx.x; e < t.N * t.rows; e += blockDim.x) {
     const int w = e / t.rows, i = e - w * t.rows;
-    t.P[t.cur][w * t.ld + i] = first_input + i == w ? 1.0f : 0.0f;
+    t.P(t.cur)[w * t.ld + i] = first_input + i == w ? 1.0f : 0.0f;
   }
 }
 
@@ -239,14 +239,14 @@ __device__ void mix_tile(const Tile& t, const float* in, float* out) {
 }
 
 __device__ void step(Tile& t, const SortingNetwork& net, const Relaxation& r, int64_t k) {
-  layer_weights(t, net, r, k, t.x[t.cur], t.x[t.cur ^ 1]);
+  layer_weights(t, net, r, k, t.x(t.cur), t.x(t.cur ^ 1));
   __syncthreads();
-  mix_tile(t, t.P[t.cur], t.P[t.cur ^ 1]);
+  mix_tile(t, t.P(t.cur), t.P(t.cur ^ 1));
   __syncthreads();
   t.cur ^= 1;
 }
 
-// Sort row `row` of v with the tile's identity rows from `first_input`; the result in t.P[t.cur].
+// Sort row `row` of v with the tile's identity rows from `first_input`; the result in t.P(t.cur).
 __device__ void sort_tile(Tile& t, const SortingNetwork& net, const Relaxation& r, const RowsView& v, int64_t row,
                           int first_input) {
   t.cur = 0;
@@ -281,14 +281,14 @@ __global__ void __launch_bounds__(THREADS)
   const int tile = blockIdx.x % tiles;
   const int64_t n = xv.n;
   sort_tile(t, net, r, xv, row, tile * rows);
-  const float* P = t.P[t.cur];
+  const float* P = t.P(t.cur);
   for (int e = threadIdx.x; e < rows * t.N; e += blockDim.x) {  // wires fastest: coalesced stores
     const int i = e / t.N, w = e - i * t.N;
     const int64_t input = static_cast<int64_t>(tile) * rows + i;
     if (input < n && w < n) P_out[(row * n + input) * n + w] = P[w * t.ld + i];
   }
   if (tile == 0)
-    for (int w = threadIdx.x; w < n; w += blockDim.x) x_sorted[row * n + w] = t.x[t.cur][w];
+    for (int w = threadIdx.x; w < n; w += blockDim.x) x_sorted[row * n + w] = t.x(t.cur)[w];
 }
 
 __global__ void __launch_bounds__(THREADS)
@@ -300,15 +300,15 @@ __global__ void __launch_bounds__(THREADS)
   float total = 0.0f;
   for (int tile = 0; tile < tiles; ++tile) {
     sort_tile(t, net, r_teacher, teacher, row, tile * rows);
-    copy_floats(t.P[t.cur], t.G[0], t.size());
+    copy_floats(t.P(t.cur), t.G(0), t.size());
     __syncthreads();  // the student's sort overwrites the buffer just copied
     sort_tile(t, net, r_student, student, row, tile * rows);
-    const float* P_s = t.P[t.cur];
+    const float* P_s = t.P(t.cur);
     for (int e = threadIdx.x; e < rows * t.N; e += blockDim.x) {
       const int w = e / rows, i = e - w * rows;
       const float p = P_s[w * t.ld + i];
       if (tile * rows + i < n && w < n)
-        total += t.G[0][w * t.ld + i] * (positive(p) ? log_positive(p) : LOG_SMALLEST_POSITIVE);
+        total += t.G(0)[w * t.ld + i] * (positive(p) ? log_positive(p) : LOG_SMALLEST_POSITIVE);
     }
     __syncthreads();
   }
@@ -351,7 +351,7 @@ struct OutputAdjoint {
   const float* grad_rows;  // NeCo: upstream gradient of the per-row losses
 };
 
-// The adjoint of the tile's P into t.G[0]: grad_P's rows (zero where absent or padded).
+// The adjoint of the tile's P into t.G(0): grad_P's rows (zero where absent or padded).
 __device__ void load_grad_P(Tile& t, const MatricesView& gp, int64_t row, int first_input) {
   for (int e = threadIdx.x; e < t.N * t.rows; e += blockDim.x) {
     const int w = e / t.rows, i = e - w * t.rows;
@@ -359,19 +359,19 @@ __device__ void load_grad_P(Tile& t, const MatricesView& gp, int64_t row, int fi
     float value = 0.0f;
     if (gp.data != 0 && input < gp.n && w < gp.n)
       value = load_float(gp.data, gp.dtype, row * gp.stride_row + input * gp.stride_i + w * gp.stride_j);
-    t.G[0][w * t.ld + i] = value;
+    t.G(0)[w * t.ld + i] = value;
   }
 }
 
-// NeCo: t.G[0] holds P_t and t.P[t.cur] the final P_s; G = (-(g / n) * P_t) / P_s (autograd's
+// NeCo: t.G(0) holds P_t and t.P(t.cur) the final P_s; G = (-(g / n) * P_t) / P_s (autograd's
 // order), 0 where P_s == 0 or outside the n x n block.
 __device__ void neco_adjoint(Tile& t, float upstream, int64_t n, int first_input) {
   const float scale = -(upstream / static_cast<float>(n));
-  const float* P_s = t.P[t.cur];
+  const float* P_s = t.P(t.cur);
   for (int e = threadIdx.x; e < t.N * t.rows; e += blockDim.x) {
     const int w = e / t.rows, i = e - w * t.rows, at = w * t.ld + i;
     const bool inside = first_input + i < n && w < n && positive(P_s[at]);
-    t.G[0][at] = inside ? div_keep(mul_keep(scale, t.G[0][at]), P_s[at]) : 0.0f;
+    t.G(0)[at] = inside ? div_keep(mul_keep(scale, t.G(0)[at]), P_s[at]) : 0.0f;
   }
 }
 
@@ -397,35 +397,38 @@ __device__ void accumulate_parts(const Tile& t, const SortingNetwork& net, int64
 // Rerun the forward of one tile (checkpoints of P, every x), then back through the layers.
 __device__ void tile_backward(Tile& t, const Scratch& s, const SortingNetwork& net, const Relaxation& r,
                               const RowsView& xv, int64_t row, int first_input, bool first_tile) {
-  const int64_t L = net.layers, every = checkpoint_every(L), segments = (L + every - 1) / every;
+  // 32-bit layer arithmetic (a network has at most a few hundred layers): 64-bit division is a
+  // subroutine call, around which the compiler spills registers.
+  const int L = static_cast<int>(net.layers), every = static_cast<int>(checkpoint_every(L)),
+            segments = (L + every - 1) / every;
   const int size = t.size();
   t.cur = 0;
   load_values(t, xv, row);
   load_identity(t, first_input);
   __syncthreads();
-  for (int64_t k = 0; k < L; ++k) {
-    if (k % every == 0) copy_floats(t.P[t.cur], s.checkpoints + (k / every) * size, size);
-    copy_floats(t.x[t.cur], s.x + k * t.N, t.N);
+  for (int k = 0; k < L; ++k) {
+    if (k % every == 0) copy_floats(t.P(t.cur), s.checkpoints + (k / every) * size, size);
+    copy_floats(t.x(t.cur), s.x + k * t.N, t.N);
     step(t, net, r, k);
   }
-  copy_floats(t.x[t.cur], s.x + L * t.N, t.N);
+  copy_floats(t.x(t.cur), s.x + L * t.N, t.N);
   int g_cur = 0;
-  for (int64_t segment = segments - 1; segment >= 0; --segment) {
-    const int64_t first = segment * every, last = min(L, first + every);
+  for (int segment = segments - 1; segment >= 0; --segment) {
+    const int first = segment * every, last = min(L, first + every);
     // Recompute the segment's states into the scratch (the checkpoint is the first).
-    copy_floats(s.checkpoints + segment * size, t.P[t.cur], size);
-    copy_floats(s.x + first * t.N, t.x[t.cur], t.N);
+    copy_floats(s.checkpoints + segment * size, t.P(t.cur), size);
+    copy_floats(s.x + first * t.N, t.x(t.cur), t.N);
     __syncthreads();
-    for (int64_t k = first; k < last; ++k) {
-      copy_floats(t.P[t.cur], s.segment + (k - first) * size, size);
+    for (int k = first; k < last; ++k) {
+      copy_floats(t.P(t.cur), s.segment + (k - first) * size, size);
       if (k + 1 < last) step(t, net, r, k);
     }
     __syncthreads();  // the segment's global stores are visible to the whole block
-    for (int64_t k = last - 1; k >= first; --k) {
+    for (int k = last - 1; k >= first; --k) {
       layer_weights(t, net, r, k, s.x + k * t.N, nullptr);
       __syncthreads();
-      accumulate_parts(t, net, k, s.segment + (k - first) * size, t.G[g_cur], s.parts, first_tile);
-      mix_tile(t, t.G[g_cur], t.G[g_cur ^ 1]);
+      accumulate_parts(t, net, k, s.segment + (k - first) * size, t.G(g_cur), s.parts, first_tile);
+      mix_tile(t, t.G(g_cur), t.G(g_cur ^ 1));
       __syncthreads();
       g_cur ^= 1;
     }
@@ -485,7 +488,7 @@ __global__ void __launch_bounds__(THREADS)
     for (int tile = 0; tile < tiles; ++tile) {
       if (NECO) {
         sort_tile(t, net, adjoint.r_teacher, adjoint.teacher, row, tile * rows);
-        copy_floats(t.P[t.cur], t.G[0], t.size());
+        copy_floats(t.P(t.cur), t.G(0), t.size());
         __syncthreads();
         // The student's final P for the adjoint (tile_backward reruns it with checkpoints).
         sort_tile(t, net, r, xv, row, tile * rows);

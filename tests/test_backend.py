@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -82,6 +84,9 @@ def test_native_extension_is_built_by_the_install():
 
     assert _native.cpp_reason() is None
     assert "CUDA" in _native.native().cuda_status
+    if shutil.which("nvcc"):  # for every NVIDIA target of fastssl.devices this nvcc builds (13: not sm_70)
+        for capability in [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+            assert _native.runs_on(_native.native().cuda_archs, capability), capability
 
 
 def test_missing_native_extension_is_explained(monkeypatch):

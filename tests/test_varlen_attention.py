@@ -174,8 +174,8 @@ def test_empty_sequences_contribute_nothing():
 
 def test_tile_schedule_follows_the_length_classes():
     lengths = [700, 37, 0, 64, 65, 130, 1]
-    classes = length_classes(64, 2)
-    plans = _schedule(cu_seqlens_of(lengths), sum(lengths), 0, classes, "forward")
+    shapes = [(length_class.max_len, length_class.forward[0]) for length_class in length_classes(64, 2)]
+    plans = _schedule(cu_seqlens_of(lengths), sum(lengths), 0, shapes)
     starts = cu_seqlens_of(lengths)[:-1].tolist()
     tiles = []
     for shape, table in plans:

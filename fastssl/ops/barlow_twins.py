@@ -158,7 +158,7 @@ def _standardize_backward_kernel(
 @triton.jit
 def _gram_pair_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, g1_ptr, g2_ptr, partial_ptr, M, N, D,
-    SYMMETRIC: tl.constexpr, ONE_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SYMMETRIC: tl.constexpr, ONE_VIEW: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Tile (program_id(0), program_id(1)) of G1 = a1 b1.T and G2 = a2 b2.T ((M, N), float32
@@ -185,11 +185,11 @@ def _gram_pair_kernel(
         b_offsets = cols[:, None] * D + ks[None, :]
         a = tl.load(a1_ptr + a_offsets, mask=a_mask, other=0.0)
         b = tl.load(b1_ptr + b_offsets, mask=b_mask, other=0.0)
-        acc1 = mma(a, tl.trans(b), acc1, INPUT_PRECISION, UPCAST)
+        acc1 = mma(a, tl.trans(b), acc1, UPCAST)
         if not ONE_VIEW:
             a = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0)
             b = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0)
-            acc2 = mma(a, tl.trans(b), acc2, INPUT_PRECISION, UPCAST)
+            acc2 = mma(a, tl.trans(b), acc2, UPCAST)
     if ONE_VIEW:
         acc2 = acc1
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -207,7 +207,7 @@ def _gram_pair_kernel(
 @triton.jit
 def _cross_correlation_kernel(
     a_ptr, b_ptr, c_ptr, partial_ptr, N, D, scale,
-    REDUCE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Tile (program_id(0), program_id(1)) of C = scale * a.T b ((D, D), float32; a, b (N, D)
@@ -221,7 +221,7 @@ def _cross_correlation_kernel(
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         a = tl.load(a_ptr + ks[:, None] * D + rows[None, :], mask=(ks < N)[:, None] & (rows < D)[None, :], other=0.0)
         b = tl.load(b_ptr + ks[:, None] * D + cols[None, :], mask=(ks < N)[:, None] & (cols < D)[None, :], other=0.0)
-        acc = mma(tl.trans(a), b, acc, INPUT_PRECISION, UPCAST)
+        acc = mma(tl.trans(a), b, acc, UPCAST)
     c = acc * scale
     mask = (rows < D)[:, None] & (cols < D)[None, :]
     tl.store(c_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], c, mask=mask)
@@ -238,11 +238,8 @@ def _row_splits(N: int, D: int, device: torch.device):
     return triton.cdiv(N, rows_per_split), rows_per_split
 
 
-def _matmul_options(operand: torch.Tensor) -> dict:
-    """float32 operands multiply in full float32 ("ieee"; no TF32, as torch's default
-    matmul), bfloat16/float16 ones on tensor cores."""
-    return dict(INPUT_PRECISION="ieee" if operand.dtype == torch.float32 else "tf32",
-                UPCAST=triton_interpreter_enabled(), num_stages=3)
+def _matmul_options() -> dict:
+    return dict(UPCAST=triton_interpreter_enabled(), num_stages=3)
 
 
 MATMULS = ("triton", "cublas")
@@ -275,7 +272,7 @@ def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
     _gram_pair_kernel[grid](
         a1, b1, a1 if a2 is None else a2, b1 if b2 is None else b2, g1, g1 if g2 is None else g2, partial,
         M, N, a1.shape[1], SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=block, BLOCK_K=block_k,
-        num_warps=warps, **_matmul_options(a1),
+        num_warps=warps, **_matmul_options(),
     )
     return g1, g2, partial.sum()
 
@@ -320,7 +317,7 @@ def cross_correlation(a, b, scale, reduce):
     c = torch.empty((D, D), dtype=torch.float32, device=a.device)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=block,
-                                    BLOCK_K=block_k, num_warps=warps, **_matmul_options(a))
+                                    BLOCK_K=block_k, num_warps=warps, **_matmul_options())
     return c, partial.sum() if reduce else None
 
 

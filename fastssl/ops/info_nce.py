@@ -40,6 +40,7 @@ import triton.language as tl
 from fastssl._checks import check_finite, check_float_tensor, check_positive_float
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, all_gather_rows, resolve_group
+from fastssl.ops.launch import first_that_fits
 from fastssl.ops.triton_math import mma
 from fastssl.reference.info_nce import info_nce_reference
 
@@ -53,22 +54,21 @@ MAX_FEATURES = 256  # all of a row's features sit in one tile (SimCLR and MoCo v
 
 
 @triton.jit
-def _similarities(rows, columns, scale2, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _similarities(rows, columns, scale2, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) similarities of two row blocks, in log2 units (times log2(e) / t)."""
-    return mma(rows, tl.trans(columns), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INPUT_PRECISION,
-               UPCAST) * scale2
+    return mma(rows, tl.trans(columns), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST) * scale2
 
 
 @triton.jit
-def _exact_product(factors, rows, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _exact_product(factors, rows, acc, UPCAST: tl.constexpr):
     """acc + factors @ rows with float32 ``factors``: as they are for float32 rows, as a high
     and a low 16-bit half (two tensor-core products) for 16-bit rows."""
     if rows.dtype == tl.float32 or UPCAST:
-        return mma(factors, rows.to(tl.float32), acc, INPUT_PRECISION, UPCAST)
+        return mma(factors, rows.to(tl.float32), acc, UPCAST)
     high = factors.to(rows.dtype)
     low = (factors - high.to(tl.float32)).to(rows.dtype)
-    return mma(low, rows, mma(high, rows, acc, INPUT_PRECISION, UPCAST), INPUT_PRECISION, UPCAST)
+    return mma(low, rows, mma(high, rows, acc, UPCAST), UPCAST)
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _online_update(maximum, total, s):
 def _info_nce_forward_kernel(
     q_ptr, k_ptr, n_ptr, lse_ptr, positive_ptr,
     M, N, D, row_offset, scale2, stride_q, stride_k, stride_n,
-    HAS_OWN_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_OWN_VIEW: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per query row of block program_id(0): the natural log-sum-exp of its similarities /
@@ -103,14 +103,14 @@ def _info_nce_forward_kernel(
     positive = tl.zeros([BLOCK_M], dtype=tl.float32)
     for first in range(0, N, BLOCK_N):
         k, columns = _load_block(k_ptr, first, N, stride_k, features, D, BLOCK_N)
-        s = _similarities(q, k, scale2, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N)
+        s = _similarities(q, k, scale2, UPCAST, BLOCK_M, BLOCK_N)
         s = tl.where((columns < N)[None, :], s, float("-inf"))
         positive += tl.sum(tl.where(columns[None, :] == targets[:, None], s, 0.0), axis=1)
         maximum, total = _online_update(maximum, total, s)
     if HAS_OWN_VIEW:
         for first in range(0, N, BLOCK_N):
             own, columns = _load_block(n_ptr, first, N, stride_n, features, D, BLOCK_N)
-            s = _similarities(q, own, scale2, INPUT_PRECISION, UPCAST, BLOCK_M, BLOCK_N)
+            s = _similarities(q, own, scale2, UPCAST, BLOCK_M, BLOCK_N)
             s = tl.where((columns < N)[None, :] & (columns[None, :] != targets[:, None]), s, float("-inf"))
             maximum, total = _online_update(maximum, total, s)
     valid = rows < M
@@ -122,8 +122,8 @@ def _info_nce_forward_kernel(
 def _info_nce_grad_rows_kernel(
     out_ptr, a_ptr, b_ptr, lse_ptr,
     M, N, D, row_offset, scale2, stride_a, stride_b, stride_out,
-    ROWS_ARE_QUERIES: tl.constexpr, OWN_VIEW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS_ARE_QUERIES: tl.constexpr, OWN_VIEW: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows [program_id(0) * BLOCK_A, ...) of one side's gradient, unscaled (times
     grad / (M t) afterwards): with the factors f_ij = p_ij - [j is i's positive] (OWN_VIEW:
@@ -140,21 +140,21 @@ def _info_nce_grad_rows_kernel(
         lse2 = tl.load(lse_ptr + a_index, mask=a_index < M, other=0.0) * KERNEL_LOG2_E
         for first in range(0, N, BLOCK_B):
             b, b_index = _load_block(b_ptr, first, N, stride_b, features, D, BLOCK_B)
-            p = tl.exp2(_similarities(a, b, scale2, INPUT_PRECISION, UPCAST, BLOCK_A, BLOCK_B) - lse2[:, None])
+            p = tl.exp2(_similarities(a, b, scale2, UPCAST, BLOCK_A, BLOCK_B) - lse2[:, None])
             hit = b_index[None, :] == (row_offset + a_index)[:, None]
             factors = tl.where((b_index < N)[None, :], p, 0.0)
             factors = tl.where(hit, 0.0, factors) if OWN_VIEW else factors - tl.where(hit, 1.0, 0.0)
-            acc = _exact_product(factors, b, acc, INPUT_PRECISION, UPCAST)
+            acc = _exact_product(factors, b, acc, UPCAST)
     else:
         for first in range(0, M, BLOCK_B):
             b, b_index = _load_block(b_ptr, first, M, stride_b, features, D, BLOCK_B)
             lse2 = tl.load(lse_ptr + b_index, mask=b_index < M, other=0.0) * KERNEL_LOG2_E
             # (BLOCK_A keys, BLOCK_B queries): the transposed tile, p_ij laid out as [j, i]
-            p = tl.exp2(_similarities(a, b, scale2, INPUT_PRECISION, UPCAST, BLOCK_A, BLOCK_B) - lse2[None, :])
+            p = tl.exp2(_similarities(a, b, scale2, UPCAST, BLOCK_A, BLOCK_B) - lse2[None, :])
             hit = a_index[:, None] == (row_offset + b_index)[None, :]
             factors = tl.where((b_index < M)[None, :], p, 0.0)
             factors = tl.where(hit, 0.0, factors) if OWN_VIEW else factors - tl.where(hit, 1.0, 0.0)
-            acc = _exact_product(factors, b, acc, INPUT_PRECISION, UPCAST)
+            acc = _exact_product(factors, b, acc, UPCAST)
     rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask = (rows < (M if ROWS_ARE_QUERIES else N))[:, None] & (features < D)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + features[None, :], acc, mask=mask)
@@ -170,17 +170,26 @@ def launch_shape(D: int) -> dict:
     return dict(BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4)
 
 
-def row_block(D: int, dtype: torch.dtype, gradient: bool) -> int:
-    """Rows per tile. 16-bit: 64, and 32 in the gradient kernels from D = 256, whose (rows, D)
-    float32 accumulator would otherwise spill registers on sm_90. float32 rows take twice
-    the registers of 16-bit ones and multiply without wgmma: half those tiles, and from
-    D = 256 in the forward too. (Resources per configuration: tests/compile_kernels.py.)"""
+def row_blocks(D: int, dtype: torch.dtype, gradient: bool) -> list[int]:
+    """Rows per tile, the candidates best first (:func:`fastssl.ops.launch.first_that_fits`
+    takes the first that fits the device without spilling). 16-bit: 64, and 32 in the
+    gradient kernels from D = 256, whose (rows, D) float32 accumulator would otherwise spill
+    registers on sm_90. float32 rows take twice the registers of 16-bit ones and multiply
+    without wgmma: half those tiles, and from D = 256 in the forward too. Then halved down to
+    16 rows, tl.dot's smallest, for GPUs with less shared memory or fewer registers to spare
+    (tests/compile_kernels.py compiles every target's choice)."""
     block = 32 if (gradient or dtype == torch.float32) and D > 128 else 64
-    return block // 2 if dtype == torch.float32 else block
+    block = block // 2 if dtype == torch.float32 else block
+    return [block >> shift for shift in range(3) if block >> shift >= 16]
 
 
-def _options(x: torch.Tensor) -> dict:
-    return dict(INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=triton_interpreter_enabled())
+def _launch_rows(kernel, key, n_rows: int, args: tuple, blocks: list[int], block_names: tuple, device, **kwargs):
+    """Launch ``kernel`` over ``n_rows`` in tiles of the first of ``blocks`` that fits."""
+    def launch_options(block):
+        return dict(kwargs, **{name: block for name in block_names})
+
+    block = first_that_fits(key, device, blocks, lambda block: [(kernel, args, launch_options(block))])
+    kernel[(triton.cdiv(n_rows, block),)](*args, **launch_options(block))
 
 
 def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
@@ -188,25 +197,24 @@ def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
     N = keys.shape[0]
     lse = torch.empty(M, dtype=torch.float32, device=query.device)
     positive = torch.empty_like(lse)
-    block_m = row_block(D, query.dtype, gradient=False)
-    _info_nce_forward_kernel[(triton.cdiv(M, block_m),)](
-        query, keys, keys if own_view is None else own_view, lse, positive,
-        M, N, D, row_offset, LOG2_E / temperature, query.stride(0), keys.stride(0),
-        keys.stride(0) if own_view is None else own_view.stride(0),
-        HAS_OWN_VIEW=own_view is not None, BLOCK_M=block_m, BLOCK_N=block_m, **launch_shape(D), **_options(query),
-    )
+    args = (query, keys, keys if own_view is None else own_view, lse, positive,
+            M, N, D, row_offset, LOG2_E / temperature, query.stride(0), keys.stride(0),
+            keys.stride(0) if own_view is None else own_view.stride(0))
+    _launch_rows(_info_nce_forward_kernel, ("info_nce forward", query.dtype, D, own_view is not None), M, args,
+                 row_blocks(D, query.dtype, gradient=False), ("BLOCK_M", "BLOCK_N"), query.device,
+                 HAS_OWN_VIEW=own_view is not None, **launch_shape(D), UPCAST=triton_interpreter_enabled())
     return lse, positive
 
 
 def _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries: bool, own_view: bool):
     D = rows.shape[1]
     out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    block = row_block(D, rows.dtype, gradient=True)
-    _info_nce_grad_rows_kernel[(triton.cdiv(rows.shape[0], block),)](
-        out, rows, other, lse, M, N, D, row_offset, LOG2_E / temperature, rows.stride(0), other.stride(0),
-        out.stride(0), ROWS_ARE_QUERIES=rows_are_queries, OWN_VIEW=own_view, BLOCK_A=block, BLOCK_B=block,
-        **launch_shape(D), **_options(rows),
-    )
+    args = (out, rows, other, lse, M, N, D, row_offset, LOG2_E / temperature, rows.stride(0), other.stride(0),
+            out.stride(0))
+    _launch_rows(_info_nce_grad_rows_kernel, ("info_nce gradient", rows.dtype, D, rows_are_queries, own_view),
+                 rows.shape[0], args, row_blocks(D, rows.dtype, gradient=True), ("BLOCK_A", "BLOCK_B"), rows.device,
+                 ROWS_ARE_QUERIES=rows_are_queries, OWN_VIEW=own_view, **launch_shape(D),
+                 UPCAST=triton_interpreter_enabled())
     return out
 
 

@@ -56,6 +56,7 @@ import triton.language as tl
 from fastssl._checks import check_finite, check_float_tensor
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
 from fastssl.ops._soft_sort_native import soft_sort_backward_native, soft_sort_forward_native, why_not_native
+from fastssl.ops.launch import first_that_fits
 from fastssl.ops.triton_math import programs_per_wave
 from fastssl.reference.diffsort import (
     DISTRIBUTIONS,
@@ -323,12 +324,21 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreter_enabled()
 
 
-def launch_shape(n: int, device: torch.device) -> tuple[int, int, int]:
-    """(N, TILE, num_warps): the padded wire count, P rows per program, warps."""
+def launch_shape(n: int, device: torch.device, tile: Optional[int] = None) -> tuple[int, int, int]:
+    """(N, TILE, num_warps): the padded wire count, P rows per program (a given ``tile``, or
+    the largest), warps."""
     N = padded_size(n)
     elements = INTERPRETER_TILE_ELEMENTS if _interpreting(device) else TILE_ELEMENTS
-    tile = max(1, min(N, elements // N))
+    tile = tile or max(1, min(N, elements // N))
     return N, tile, max(1, min(8, tile * N // 512))
+
+
+def backward_tiles(n: int, device: torch.device) -> list[int]:
+    """The backward's candidate P tiles, best first: the forward's, then halved twice, for
+    GPUs where the compiler spills its registers (the NeCo adjoint on sm_86 and newer;
+    :func:`fastssl.ops.launch.first_that_fits` takes the first that does not)."""
+    tile = launch_shape(n, device)[1]
+    return [tile >> shift for shift in range(3) if tile >> shift >= 1]
 
 
 def checkpoint_interval(n_layers: int, device: torch.device) -> int:
@@ -363,29 +373,33 @@ def soft_sort_backward_triton(x, grad_x_sorted, grad_P, steepness, network, dist
     rows, n = x.shape
     codes = network_codes_tensor(network, n, x.device)
     n_layers = codes.shape[0]
-    N, tile, num_warps = launch_shape(n, x.device)
     every = checkpoint_interval(n_layers, x.device)
     n_checkpoints = triton.cdiv(n_layers, every)
     programs = backward_programs(rows, x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
-    scratch_x = torch.empty((programs, n_checkpoints, N), **f32)
-    scratch_p = torch.empty((programs, n_checkpoints, tile, N), **f32)
-    alpha_grad = torch.empty((rows, n_layers, N), **f32)
+    scratch_x = torch.empty((programs, n_checkpoints, padded_size(n)), **f32)
+    alpha_grad = torch.empty((rows, n_layers, padded_size(n)), **f32)
     grad_x = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     neco = teacher is not None
     gs = grad_x_sorted if grad_x_sorted is not None else x
     gp = grad_P if grad_P is not None else x.new_empty((1, 1, 1))
     t = teacher if neco else x
     grad_rows = grad_rows if neco else x
-    _soft_sort_backward_kernel[(programs,)](
-        x, codes, gs, gp, grad_x, alpha_grad, scratch_x, scratch_p, t, grad_rows,
-        rows, n, n_layers, N // tile, n_checkpoints, every,
-        x.stride(0), x.stride(1), gs.stride(0), gs.stride(1), gp.stride(0), gp.stride(1), gp.stride(2),
-        t.stride(0), t.stride(1), float(steepness), float(teacher_steepness), float(art_lambda),
-        N=N, TILE=tile, DISTRIBUTION=distribution_id(distribution),
-        HAS_GRAD_XS=grad_x_sorted is not None and not neco, HAS_GRAD_P=grad_P is not None and not neco,
-        NECO=neco, num_warps=num_warps,
-    )
+    flags = dict(DISTRIBUTION=distribution_id(distribution), HAS_GRAD_XS=grad_x_sorted is not None and not neco,
+                 HAS_GRAD_P=grad_P is not None and not neco, NECO=neco)
+
+    def launch(tile: int, scratch_p: torch.Tensor):
+        N, tile, num_warps = launch_shape(n, x.device, tile)
+        args = (x, codes, gs, gp, grad_x, alpha_grad, scratch_x, scratch_p, t, grad_rows,
+                rows, n, n_layers, N // tile, n_checkpoints, every,
+                x.stride(0), x.stride(1), gs.stride(0), gs.stride(1), gp.stride(0), gp.stride(1), gp.stride(2),
+                t.stride(0), t.stride(1), float(steepness), float(teacher_steepness), float(art_lambda))
+        return _soft_sort_backward_kernel, args, dict(N=N, TILE=tile, num_warps=num_warps, **flags)
+
+    tile = first_that_fits(("soft_sort backward", x.dtype, n, tuple(flags.items())), x.device,
+                           backward_tiles(n, x.device), lambda tile: [launch(tile, scratch_x)])
+    kernel, args, kwargs = launch(tile, torch.empty((programs, n_checkpoints, tile, padded_size(n)), **f32))
+    kernel[(programs,)](*args, **kwargs)
     return grad_x
 
 

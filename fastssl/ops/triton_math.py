@@ -14,10 +14,12 @@ def programs_per_wave(device: torch.device, elsewhere: int) -> int:
 
 
 @triton.jit
-def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with float32 accumulation. UPCAST (the Triton interpreter only, whose dot
-    mishandles bfloat16 and TF32): multiply exact float32 copies instead, which gives the
-    same exact products a GPU's tensor cores accumulate."""
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation: 16-bit operands on the matrix units, float32
+    ones in full precision ("ieee": no TF32, as torch's default matmul; the precision
+    setting concerns float32 operands only, and AMD's CDNA2 refuses "tf32"). UPCAST (the
+    Triton interpreter only, whose dot mishandles bfloat16): multiply exact float32 copies
+    instead, which gives the same exact products a GPU's matrix units accumulate."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return tl.dot(a, b, acc, input_precision="ieee")

@@ -70,6 +70,7 @@ from torch.profiler import record_function
 from fastssl import _checks
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
+from fastssl.ops.launch import first_that_fits
 from fastssl.ops.triton_math import mma
 from fastssl.profiling import ATTENTION
 from fastssl.reference.attention import varlen_attention_reference
@@ -88,25 +89,34 @@ class TileShape(NamedTuple):
 
 class LengthClass(NamedTuple):
     max_len: int  # sequences longer than the previous class's max_len, up to this
-    forward: TileShape
-    backward: TileShape
+    forward: tuple[TileShape, ...]  # candidates, best first
+    backward: tuple[TileShape, ...]
 
 
 LONGEST = 2**31 - 1
+SMALLER_TILES = (TileShape(64, 32, 4), TileShape(64, 16, 4), TileShape(32, 16, 4), TileShape(32, 16, 8))
 
 
 def length_classes(head_dim: int, element_size: int) -> tuple[LengthClass, ...]:
-    """The tile shapes per length class (see the module docstring). Rows of 256 bytes or
-    more (head_dim 128 in 16 bits, 64 in float32) halve the long class's tiles to stay
-    within the shared memory of sm_80. The long class's backward sweeps 32 queries per step
-    with 8 warps: a 64 x 64 step with 4 warps spills registers on sm_80 and sm_90
-    (tests/compile_kernels.py)."""
+    """The candidate tile shapes per length class, best first (see the module docstring);
+    each launch takes the first that fits its device without spilling registers
+    (:func:`fastssl.ops.launch.first_that_fits`). The first choices: rows of 256 bytes or
+    more (head_dim 128 in 16 bits, 64 in float32) halve the long class's tiles to stay within
+    the shared memory of sm_80, and the long class's backward sweeps 32 queries per step with
+    8 warps (a 64 x 64 step with 4 warps spills on sm_80 and sm_90). Smaller tiles follow
+    for GPUs with less shared memory or fewer registers to spare: T4's 64 KiB, or where the
+    compiler spills those (sm_86, sm_89, sm_120, gfx942; tests/compile_kernels.py), the last
+    on 8 warps for sm_70, whose FMA dots spill every 4-warp tile."""
     wide = head_dim * element_size >= 256
+
+    def then_smaller(first: TileShape) -> tuple[TileShape, ...]:
+        return (first, *[shape for shape in SMALLER_TILES if shape.rows * shape.cols < first.rows * first.cols])
+
     return (
-        LengthClass(64, TileShape(64, 16, 4), TileShape(64, 16, 4)),
-        LengthClass(512, TileShape(64, 32, 4), TileShape(64, 32, 4)),
-        LengthClass(LONGEST, TileShape(64, 32, 4) if wide else TileShape(128, 64, 8),
-                    TileShape(64, 32, 4) if wide else TileShape(128, 32, 8)),
+        LengthClass(64, then_smaller(TileShape(64, 16, 4)), then_smaller(TileShape(64, 16, 4))),
+        LengthClass(512, then_smaller(TileShape(64, 32, 4)), then_smaller(TileShape(64, 32, 4))),
+        LengthClass(LONGEST, then_smaller(TileShape(64, 32, 4) if wide else TileShape(128, 64, 8)),
+                    then_smaller(TileShape(64, 32, 4) if wide else TileShape(128, 32, 8))),
     )
 
 
@@ -198,7 +208,7 @@ def _forward_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_tokens, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
+    UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     """Output rows and lse of one query tile (BLOCK_M tokens of one sequence), one head.
 
@@ -224,7 +234,7 @@ def _forward_kernel(
         key_tokens = (start + cols).to(tl.int64)
         k_t = tl.load(k_ptr + key_tokens[None, :] * stride_kt + head * stride_kh + dims[:, None],
                       mask=col_mask[None, :], other=0.0)
-        s = mma(q, k_t, None, DOT_PRECISION, UPCAST) * qk_scale2
+        s = mma(q, k_t, None, UPCAST) * qk_scale2
         s = tl.where(col_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a valid column
         alpha = tl.exp2(m - m_new)
@@ -232,7 +242,7 @@ def _forward_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + key_tokens[:, None] * stride_vt + head * stride_vh + dims[None, :],
                     mask=col_mask[:, None], other=0.0)
-        acc = mma(_cast(p, v.dtype, RNE_BF16), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
+        acc = mma(_cast(p, v.dtype, RNE_BF16), v, acc * alpha[:, None], UPCAST)
         m = m_new
     out = acc / l[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -266,7 +276,7 @@ def _dkdv_kernel(
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     total_tokens, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
+    UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     """dK and dV of one key tile (BLOCK_N tokens of one sequence), one head; with
     ATOMIC_DQ also every query's dQ share from these keys, added to a float32 buffer.
@@ -303,14 +313,14 @@ def _dkdv_kernel(
                      mask=col_mask[:, None], other=0.0)
         lse = tl.load(lse_ptr + head * total_tokens + tokens, mask=col_mask, other=0.0)
         delta = tl.load(delta_ptr + head * total_tokens + tokens, mask=col_mask, other=0.0)
-        s_t = mma(k, q_t, None, DOT_PRECISION, UPCAST) * qk_scale2
+        s_t = mma(k, q_t, None, UPCAST) * qk_scale2
         p_t = tl.where(key_mask[:, None] & col_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-        dv = mma(_cast(p_t, do.dtype, RNE_BF16), do, dv, DOT_PRECISION, UPCAST)
-        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)
+        dv = mma(_cast(p_t, do.dtype, RNE_BF16), do, dv, UPCAST)
+        dp_t = mma(v, tl.trans(do), None, UPCAST)
         ds_t = _cast(p_t * (dp_t - delta[None, :]), q_t.dtype, RNE_BF16)
-        dk = mma(ds_t, tl.trans(q_t), dk, DOT_PRECISION, UPCAST)
+        dk = mma(ds_t, tl.trans(q_t), dk, UPCAST)
         if ATOMIC_DQ:
-            dq = mma(tl.trans(ds_t), k, None, DOT_PRECISION, UPCAST) * scale
+            dq = mma(tl.trans(ds_t), k, None, UPCAST) * scale
             tl.atomic_add(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :], dq,
                           mask=col_mask[:, None], sem="relaxed")
     tl.store(dk_ptr + key_tokens[:, None] * stride_dkt + head * stride_dkh + dims[None, :],
@@ -326,7 +336,7 @@ def _dq_kernel(
     stride_dqt, stride_dqh,
     total_tokens, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
+    UPCAST: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
     """dQ of one query tile, one head, without atomics: sweeps the sequence's key blocks,
     recomputing P = exp2(Q K^T * scale2 - lse) and dP = dO V^T, and accumulates
@@ -353,11 +363,11 @@ def _dq_kernel(
                     mask=col_mask[:, None], other=0.0)
         v_t = tl.load(v_ptr + key_tokens[None, :] * stride_vt + head * stride_vh + dims[:, None],
                       mask=col_mask[None, :], other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PRECISION, UPCAST) * qk_scale2
+        s = mma(q, tl.trans(k), None, UPCAST) * qk_scale2
         p = tl.where(col_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = mma(do, v_t, None, DOT_PRECISION, UPCAST)
+        dp = mma(do, v_t, None, UPCAST)
         ds = _cast(p * (dp - delta[:, None]), k.dtype, RNE_BF16)
-        dq = mma(ds, k, dq, DOT_PRECISION, UPCAST)
+        dq = mma(ds, k, dq, UPCAST)
     tl.store(dq_ptr + tokens[:, None] * stride_dqt + head * stride_dqh + dims[None, :],
              _cast(dq * scale, dq_ptr.dtype.element_ty, RNE_BF16), mask=row_mask[:, None])
 
@@ -379,18 +389,18 @@ def _class_capacity(total_tokens: int, n_seqs: int, shorter: int, longest: int, 
     return capacity
 
 
-def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, classes, which: str):
+def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, shapes):
     """Per class with any possible tile: (tile shape, table view (capacity, 4)), built by one
     launch of ``_schedule_kernel`` on cu_seqlens' device without reading it on the host.
-    Every class gets a program there, those of capacity 0 too, so that a sequence the
-    capacities leave out stops the kernel instead of going unscheduled."""
+    ``shapes``: (the class's max_len, its tile shape) per class. Every class gets a program
+    there, those of capacity 0 too, so that a sequence the capacities leave out stops the
+    kernel instead of going unscheduled."""
     n_seqs = cu_seqlens.shape[0] - 1
     plans, shorter = [], 0
-    for length_class in classes:
-        shape = getattr(length_class, which)
-        capacity = _class_capacity(total_tokens, n_seqs, shorter, length_class.max_len, shape.rows, max_seqlen)
-        plans.append((shorter, length_class.max_len, shape, capacity))
-        shorter = length_class.max_len
+    for max_len, shape in shapes:
+        capacity = _class_capacity(total_tokens, n_seqs, shorter, max_len, shape.rows, max_seqlen)
+        plans.append((shorter, max_len, shape, capacity))
+        shorter = max_len
     stride = max(plan[3] for plan in plans) * TABLE_FIELDS
     table = torch.empty((len(plans), stride), dtype=torch.int32, device=cu_seqlens.device)
     scalars = [value for lo, hi, shape, capacity in plans for value in (lo, hi, shape.rows, capacity)]
@@ -405,24 +415,36 @@ def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, clas
 def _kernel_options(q: torch.Tensor) -> dict:
     return dict(
         HEAD_DIM=q.shape[-1],
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=triton_interpreter_enabled(),
         RNE_BF16=q.dtype == torch.bfloat16 and triton_interpreter_enabled(),
     )
+
+
+def _chosen_shapes(q, which: str, launches, variant=None) -> list[tuple[int, TileShape]]:
+    """(max_len, the tile shape its launches take on q's device) per length class, from its
+    ``which`` ("forward" or "backward") candidates; ``launches(shape)``: the (kernel, args,
+    kwargs) a class's tiles of ``shape`` launch (any int32 tensor stands for the tile table);
+    ``variant``: what else changes the kernels launched."""
+    return [(length_class.max_len, first_that_fits(
+        ("varlen_attention", which, variant, q.dtype, q.shape[-1], length_class.max_len), q.device,
+        getattr(length_class, which), launches)) for length_class in length_classes(q.shape[-1], q.element_size())]
 
 
 def _forward_triton(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     total_tokens, heads, head_dim = q.shape
     out = torch.empty((total_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total_tokens), dtype=torch.float32, device=q.device)
-    classes = length_classes(head_dim, q.element_size())
-    for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, classes, "forward"):
-        _forward_kernel[(table.shape[0] // TABLE_FIELDS, heads)](
-            q, k, v, out, lse, table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), total_tokens, scale * LOG2_E,
-            BLOCK_M=shape.rows, BLOCK_N=shape.cols, num_warps=shape.num_warps, **_kernel_options(q),
-        )
+
+    def arguments(table):
+        return (q, k, v, out, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), out.stride(0), out.stride(1), total_tokens, scale * LOG2_E)
+
+    def options(shape: TileShape) -> dict:
+        return dict(BLOCK_M=shape.rows, BLOCK_N=shape.cols, num_warps=shape.num_warps, **_kernel_options(q))
+
+    shapes = _chosen_shapes(q, "forward", lambda shape: [(_forward_kernel, arguments(cu_seqlens), options(shape))])
+    for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, shapes):
+        _forward_kernel[(table.shape[0] // TABLE_FIELDS, heads)](*arguments(table), **options(shape))
     return out, lse
 
 
@@ -447,21 +469,22 @@ def _backward_triton(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, s
         dq_buffer = torch.zeros((total_tokens, heads, head_dim), dtype=torch.float32, device=q.device)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               grad_out.stride(0), grad_out.stride(1), dq_buffer.stride(0), dq_buffer.stride(1))
-    options = _kernel_options(q)
-    classes = length_classes(head_dim, q.element_size())
-    for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, classes, "backward"):
-        grid = (table.shape[0] // TABLE_FIELDS, heads)
-        _dkdv_kernel[grid](
-            q, k, v, grad_out, lse, delta, dq_buffer, dk, dv, table, *common,
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), total_tokens, scale * LOG2_E, scale,
-            BLOCK_N=shape.rows, BLOCK_M=shape.cols, ATOMIC_DQ=not deterministic, num_warps=shape.num_warps,
-            **options,
-        )
-        if deterministic:
-            _dq_kernel[grid](
-                q, k, v, grad_out, lse, delta, dq, table, *common, total_tokens, scale * LOG2_E, scale,
-                BLOCK_M=shape.rows, BLOCK_N=shape.cols, num_warps=shape.num_warps, **options,
-            )
+
+    def launches(shape: TileShape, table) -> list:
+        """(kernel, args, kwargs) of one class's tiles: dK/dV (and dQ), ``shape.rows`` per tile."""
+        options = dict(num_warps=shape.num_warps, **_kernel_options(q))
+        dkdv = (_dkdv_kernel, (q, k, v, grad_out, lse, delta, dq_buffer, dk, dv, table, *common, dk.stride(0),
+                               dk.stride(1), dv.stride(0), dv.stride(1), total_tokens, scale * LOG2_E, scale),
+                dict(BLOCK_N=shape.rows, BLOCK_M=shape.cols, ATOMIC_DQ=not deterministic, **options))
+        if not deterministic:
+            return [dkdv]
+        return [dkdv, (_dq_kernel, (q, k, v, grad_out, lse, delta, dq, table, *common, total_tokens,
+                                    scale * LOG2_E, scale), dict(BLOCK_M=shape.rows, BLOCK_N=shape.cols, **options))]
+
+    shapes = _chosen_shapes(q, "backward", lambda shape: launches(shape, cu_seqlens), variant=deterministic)
+    for shape, table in _schedule(cu_seqlens, total_tokens, max_seqlen, shapes):
+        for kernel, args, kwargs in launches(shape, table):
+            kernel[(table.shape[0] // TABLE_FIELDS, heads)](*args, **kwargs)
     if not deterministic:
         dq = dq_buffer.to(q.dtype)
     return dq, dk, dv

@@ -173,18 +173,18 @@ def sample_batch(method, config: TrainConfig, device: torch.device):
 
 def steady_state_step(method, batch, device: torch.device) -> Callable[[], None]:
     """The trainer's step on ``batch`` at the last epoch, with its optimizer and schedules."""
-    from fastssl.train.loop import step_autocast, train_step
+    from fastssl.train.loop import step_precision, train_step
     from fastssl.train.optim import Schedules, build_optimizer
 
     config = method.config
     optimizer = build_optimizer(config, method.parameter_groups())
     schedules = Schedules(config, NOMINAL_STEPS_PER_EPOCH)
     epoch = config.epochs - 1
-    autocast = step_autocast(config, device)
+    precision = step_precision(config, device)
 
     def step():
         train_step(method, method.student, optimizer, schedules, batch, epoch, epoch * NOMINAL_STEPS_PER_EPOCH,
-                   autocast)
+                   precision)
     return step
 
 

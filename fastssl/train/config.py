@@ -89,7 +89,8 @@ class TrainConfig:
         "help": "force a fastssl backend (default: each op's default for the device: triton or cuda on "
                 "a GPU, cpp where an op has C++ kernels on the CPU, else reference)"})
     device: Optional[str] = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    amp: bool = field(default=True, metadata={"help": "16-bit autocast on a GPU: bf16, or fp16 with a gradient "
+                                                     "scaler where the GPU lacks bf16 (T4, V100)"})
     fsdp: bool = field(default=False, metadata={"help": "shard the student and teacher with FSDP2 (fully_shard)"})
     seed: int = 0
     # operations

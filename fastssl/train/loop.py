@@ -1,8 +1,9 @@
 """The training loop shared by the four methods: ``train(config)``.
 
 One step: set lr / weight decay / teacher momentum from the schedules, run the method's
-loss under bf16 autocast (CUDA), backward, the method's gradient surgery (frozen layers),
-gradient clipping, optimizer step, EMA teacher update. Around it: checkpoints every N steps
+loss under 16-bit autocast on a GPU (bf16, or fp16 with a gradient scaler where the GPU lacks
+bf16), backward, the method's gradient surgery (frozen layers), gradient clipping, optimizer
+step, EMA teacher update. Around it: checkpoints every N steps
 (atomic), exact resume, progress bar, JSONL/TensorBoard log and kNN evaluation.
 """
 
@@ -13,11 +14,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 import fastssl
+from fastssl.devices import target_of
 from fastssl.train.checkpoint import all_rng_states, load_newest_readable, save_keeping_previous, set_rng_state
 from fastssl.train.config import TrainConfig, validate
 from fastssl.train.data import (
@@ -70,31 +73,50 @@ def train(config: TrainConfig) -> TrainResult:
         stop_runtime(runtime)
 
 
-def step_autocast(config: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA (unless --amp off); nothing on the CPU."""
-    if device.type == "cuda" and config.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@dataclass
+class StepPrecision:
+    """The step's autocast, and for float16 its gradient scaler (None otherwise)."""
+
+    autocast: contextlib.AbstractContextManager
+    scaler: Optional[torch.amp.GradScaler] = None
+
+
+def step_precision(config: TrainConfig, device: torch.device) -> StepPrecision:
+    """16-bit autocast on a GPU unless --amp off: bfloat16 where the device has it, else
+    float16 (T4, V100) with a gradient scaler, which float16's narrow range needs; nothing
+    on the CPU."""
+    if device.type != "cuda" or not config.amp:
+        return StepPrecision(contextlib.nullcontext())
+    if target_of(device).bf16:
+        return StepPrecision(torch.autocast("cuda", dtype=torch.bfloat16))
+    return StepPrecision(torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda"))
 
 
 def train_step(method: Method, student: torch.nn.Module, optimizer: torch.optim.Optimizer, schedules: Schedules,
-               batch, epoch: int, step: int, autocast) -> tuple[torch.Tensor, dict]:
+               batch, epoch: int, step: int, precision: StepPrecision) -> tuple[torch.Tensor, dict]:
     """One optimization step of ``method`` on this process's ``batch``; returns the local loss
     and the values to log (lr, weight decay, gradient norm, teacher momentum)."""
     config = method.config
+    scaler = precision.scaler
     values = apply_schedules(optimizer, schedules, step, config.batch_size / 256)
-    with autocast:
+    with precision.autocast:
         loss = method.loss(student, batch, epoch, step)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     method.after_backward(epoch, step)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for clipping and the step
     if config.clip_grad > 0:
         parameters = [p for p in student.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
         values["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:  # skipped where float16 gradients overflowed; the scale adapts
+        scaler.step(optimizer)
+        scaler.update()
     values["momentum"] = schedules.teacher_momentum(step)
     method.after_optimizer_step(values["momentum"])
     return loss, values
@@ -128,7 +150,7 @@ class _Trainer:
         self.checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
         self.log = MetricLog(config.output_dir, runtime.is_main)
         self.collapse = CollapseWatch(self.steps_per_epoch)
-        self.autocast = step_autocast(config, self.device)
+        self.precision = step_precision(config, self.device)
 
     def _datasets(self):
         config = self.config
@@ -181,7 +203,7 @@ class _Trainer:
 
     def _step(self, batch, epoch: int, step: int) -> tuple[float, dict]:
         loss, values = train_step(self.method, self.student, self.optimizer, self.schedules, batch, epoch, step,
-                                  self.autocast)
+                                  self.precision)
         return mean_over_processes(loss, self.runtime), values
 
     def _watch_collapse(self, epoch: int, values: dict) -> None:
@@ -234,6 +256,7 @@ class _Trainer:
             config=self.config.to_dict(),
             models={name: full_model_state(module, runtime) for name, module in modules.items()},
             optimizer=full_optimizer_state(self.student, self.optimizer, runtime),
+            gradient_scaler=None if self.precision.scaler is None else self.precision.scaler.state_dict(),
             # Per process: the loss states (SwAV's and NeCo's queues hold local features) and RNGs.
             per_process=_gather_per_process(dict(loss=loss_state, rng=None)),
         )
@@ -253,6 +276,8 @@ class _Trainer:
         for name, state in checkpoint["models"].items():
             load_full_model_state(modules[name], state, runtime)
         load_full_optimizer_state(self.student, self.optimizer, checkpoint["optimizer"], runtime)
+        if self.precision.scaler is not None and checkpoint.get("gradient_scaler"):
+            self.precision.scaler.load_state_dict(checkpoint["gradient_scaler"])
         per_process = checkpoint["per_process"]
         if len(per_process) != runtime.world_size and runtime.is_main:
             print(f"fastssl: the checkpoint was written by {len(per_process)} processes, this run has "
