@@ -61,16 +61,19 @@ from fastssl._checks import check_finite, check_float_tensor, check_positive_flo
 from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, gather_rows, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
+from fastssl.ops.launch import first_that_fits
 from fastssl.ops.triton_math import mma, programs_per_wave
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
 BLOCK_N, BLOCK_D = 32, 128  # standardization kernels
 # The matmul kernels' tiles: (square output tile, K tile, warps), chosen so that no 16-bit
-# configuration spills registers on sm_80 or sm_90 (tests/compile_kernels.py checks it). The
-# Gram kernel keeps two accumulators (G1, G2) and a transposed store: 8 warps, K tiles of 32.
-# The cross-correlation's reduction epilogue spills a 128 x 128 tile on sm_90 with 8 warps
-# and on sm_80 with 16, so 16-bit inputs take 64 x 64 tiles.
-GRAM_TILES = (64, 32, 8)
+# configuration spills registers on the targets tests/compile_kernels.py checks. The Gram
+# kernel keeps two accumulators (G1, G2) and a transposed store: 8 warps, K tiles of 32, or
+# of 16 (half the operand registers) where the compiler spills those (Triton 3.4's FMA dots
+# on sm_75): candidates, best first, for fastssl.ops.launch.first_that_fits. The
+# cross-correlation's reduction epilogue spills a 128 x 128 tile on sm_90 with 8 warps and
+# on sm_80 with 16, so 16-bit inputs take 64 x 64 tiles.
+GRAM_TILES = ((64, 32, 8), (64, 16, 8))
 CROSS_TILES = {torch.float32: (128, 32, 8), "16-bit": (64, 64, 4)}
 
 
@@ -264,16 +267,24 @@ def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
         g2 = None if a2 is None else float32_matmul(a2, b2.t())
         return g1, g2, (g1 * (g1 if g2 is None else g2)).sum()
     M, N = a1.shape[0], b1.shape[0]
-    block, block_k, warps = GRAM_TILES
-    grid = (triton.cdiv(M, block), triton.cdiv(N, block))
     g1 = torch.empty((M, N), dtype=torch.float32, device=a1.device)
     g2 = None if a2 is None else torch.empty_like(g1)
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a1.device)
-    _gram_pair_kernel[grid](
-        a1, b1, a1 if a2 is None else a2, b1 if b2 is None else b2, g1, g1 if g2 is None else g2, partial,
-        M, N, a1.shape[1], SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=block, BLOCK_K=block_k,
-        num_warps=warps, **_matmul_options(),
-    )
+
+    def grid(tile):
+        return triton.cdiv(M, tile[0]), triton.cdiv(N, tile[0])
+
+    def launch(tile, partial):
+        block, block_k, warps = tile
+        return _gram_pair_kernel, (
+            a1, b1, a1 if a2 is None else a2, b1 if b2 is None else b2, g1, g1 if g2 is None else g2, partial,
+            M, N, a1.shape[1]), dict(SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=block, BLOCK_K=block_k,
+                                     num_warps=warps, **_matmul_options())
+
+    tile = first_that_fits(("gram_pair", a1.dtype, symmetric, a2 is None), a1.device, GRAM_TILES,
+                           lambda tile: [launch(tile, g1)])
+    partial = torch.empty(math.prod(grid(tile)), dtype=torch.float32, device=a1.device)
+    kernel, args, kwargs = launch(tile, partial)
+    kernel[grid(tile)](*args, **kwargs)
     return g1, g2, partial.sum()
 
 
