@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastssl.benchmark import replace_marked_section
+from fastssl.benchmark import current_commit, readme_table_from, replace_marked_section
 from fastssl.train.config import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
@@ -86,12 +86,8 @@ def main() -> int:
                                                               "results/cpu/train_quality.json")
     args = parser.parse_args()
     if args.readme:
-        document = json.loads((RESULTS / "train_quality.json").read_text())
-        print("README.md updated" if replace_marked_section(README, BEGIN, END, table(document))
-              else "README.md already current")
-        return 0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+        return readme_table_from(RESULTS / "train_quality.json", BEGIN, END, table)
+    commit = current_commit()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="fastssl-train-quality-") as work:
         runs = []

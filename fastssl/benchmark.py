@@ -210,13 +210,25 @@ def goal_outcomes(case: Case, rows: list[dict]) -> list[dict]:
     return outcomes
 
 
-def metadata(device: torch.device) -> dict:
+def current_commit() -> str:
+    """The checkout's short commit hash ("" outside a git checkout)."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-        ).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip()
     except OSError:
-        commit = ""
+        return ""
+
+
+def readme_table_from(results: Path, begin: str, end: str, table: Callable[[dict], str]) -> int:
+    """``--readme`` of the CPU result scripts: the README's marked table regenerated from a
+    stored results document."""
+    updated = replace_marked_section(REPO_ROOT / "README.md", begin, end, table(json.loads(results.read_text())))
+    print("README.md updated" if updated else "README.md already current")
+    return 0
+
+
+def metadata(device: torch.device) -> dict:
+    commit = current_commit()
     triton_version = None
     try:
         import triton

@@ -11,7 +11,7 @@ from fastssl.nn import BarlowTwinsLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import Method, gather_global_batch
+from fastssl.train.method import Method, at_least_float32, gather_global_batch
 from fastssl.train.models import MultiCropBackbone, backbone_width, build_backbone, mlp
 
 
@@ -54,7 +54,10 @@ class BarlowTwins(Method):
         self.loss_module = BarlowTwinsLoss(config.barlow_lambda) if kernels else \
             OriginalBarlowTwinsLoss(config.barlow_lambda)
 
-    def loss(self, student, crops, epoch, step):
-        z1, z2 = student(crops)
+    def student_outputs(self, student, crops):
+        return student(crops)
+
+    def loss_from(self, student_outputs, teacher_outputs, crops, epoch, step):
+        z1, z2 = student_outputs
         with record_function(LOSS):
-            return self.loss_module(z1.float(), z2.float())
+            return self.loss_module(at_least_float32(z1), at_least_float32(z2))

@@ -52,6 +52,9 @@ class TrainConfig:
     epochs: int = 100
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this step (schedules keep epochs)"})
     batch_size: int = field(default=64, metadata={"help": "global batch size, split over the processes"})
+    micro_batch: Optional[int] = field(default=None, metadata={
+        "help": "images per micro-batch on each process: the step runs in micro-batches and keeps the whole "
+                "batch's loss (gradient caching: one more student forward; see README)"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw, lars or sgd"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate for a batch of 256 (scaled linearly)"})
     min_lr: float = 1e-6
@@ -190,7 +193,7 @@ NUMERIC_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     **{name: (1, None, True) for name in (
         "image_size", "train_images_per_class", "test_images_per_class", "threads", "global_crop_size",
         "local_crop_size", "depth", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "epochs", "max_steps",
-        "batch_size", "log_every", "knn_k")},
+        "batch_size", "micro_batch", "log_every", "knn_k")},
     **{name: (0, None, True) for name in (
         "workers", "local_crops", "intensity_jitter", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
         "clip_grad", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs", "swav_queue_length",
@@ -271,6 +274,12 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world_size} processes")
     if config.method in ("swav", "barlow", "simclr") and config.batch_size // world_size < 2:
         raise ValueError(f"{config.method} normalizes over the batch: use at least 2 images per process")
+    per_process = config.batch_size // world_size
+    if config.micro_batch is not None and per_process % config.micro_batch:
+        raise ValueError(f"--micro-batch {config.micro_batch} must divide the {per_process} images of each "
+                         f"process's batch (--batch-size {config.batch_size} over {world_size} processes)")
+    if config.method in ("swav", "barlow", "simclr") and config.micro_batch == 1:
+        raise ValueError(f"{config.method}'s network normalizes over the micro-batch: use --micro-batch 2 or more")
     if config.optimizer not in ("adamw", "lars", "sgd"):
         raise ValueError(f"unknown optimizer {config.optimizer!r}; expected adamw, lars or sgd")
     if config.method in ("barlow", "simclr") and config.local_crops:

@@ -10,7 +10,7 @@ from fastssl.nn import DINOHead, DINOLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.dino import DINOLossOriginal
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method
+from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method, at_least_float32
 from fastssl.train.models import MultiCropBackbone, build_backbone, crop_groups, make_teacher, unwrap
 
 
@@ -39,14 +39,18 @@ class DINO(Method):
             config.out_dim, 2 + config.local_crops, config.warmup_teacher_temp, config.teacher_temp,
             min(config.warmup_teacher_temp_epochs, config.epochs), config.epochs)
 
-    def loss(self, student, crops, epoch, step):
-        student_logits = student(crops)
-        with torch.no_grad():
-            teacher_logits = self.teacher(crops[:2])
+    def student_outputs(self, student, crops):
+        return student(crops)
+
+    @torch.no_grad()
+    def teacher_outputs(self, crops):
+        return self.teacher(crops[:2])
+
+    def loss_from(self, student_logits, teacher_logits, crops, epoch, step):
         self._teacher_sample = teacher_logits[:COLLAPSE_SAMPLE_ROWS].detach()
         # The loss in float32: softmax over 65536 prototypes in bf16 loses the sharpened targets.
         with record_function(LOSS):
-            return self.loss_module(student_logits.float(), teacher_logits.float(), epoch)
+            return self.loss_module(at_least_float32(student_logits), at_least_float32(teacher_logits), epoch)
 
     @torch.no_grad()
     def output_distribution(self, epoch):

@@ -29,13 +29,14 @@ from torch import nn
 from torch.profiler import record_function
 
 import fastssl
+from fastssl.accumulate import split_batch
 from fastssl.integrations.dinov2 import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from fastssl.nn import DINOHead
 from fastssl.nn.dino import teacher_temperature_schedule
 from fastssl.profiling import LOSS
 from fastssl.train.config import TrainConfig
 from fastssl.train.data import MaskedGlobalCrops, collate_masked_crops
-from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method
+from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method, at_least_float32
 from fastssl.train.models import MultiCropBackbone, build_backbone, crop_groups, make_teacher, unwrap
 
 
@@ -84,25 +85,55 @@ class DINOv2(Method):
         """Kernels off: the same losses in plain PyTorch (fastssl's reference backend)."""
         return contextlib.nullcontext() if self.kernels else fastssl.use_backend("reference")
 
-    def loss(self, student, batch, epoch, step):
-        crops, masks = batch
-        config, losses = self.config, self.loss_module
-        temperature = self.teacher_temperature(epoch)
-        batch_size, local_crops = crops[0].shape[0], len(crops) - 2
-        masked = masks.flatten().nonzero().flatten()
-        with torch.no_grad():
-            teacher_cls, teacher_patches = self.teacher(crops[:2])
-            teacher_cls = torch.cat(teacher_cls.chunk(2)[::-1])  # crop A's student meets crop B's teacher
-            dino_logits = self.teacher.dino_head(teacher_cls).float()
-            ibot_logits = self.teacher.ibot_head(teacher_patches.flatten(0, 1)[masked]).float()
-            with self._losses_backend():
-                dino_targets, ibot_targets = self._teacher_targets(dino_logits, ibot_logits, temperature)
-        self._targets_sample = dino_targets[:COLLAPSE_SAMPLE_ROWS]
+    def split(self, batch, micro_batch_size):
+        crops, masks = batch  # masks: (2B, patches) crop-major, split as (2, B, patches)
+        parts = zip(split_batch(crops, micro_batch_size), split_batch(masks.unflatten(0, (2, -1)).transpose(0, 1),
+                                                                      micro_batch_size))
+        return [(micro_crops, micro_masks.transpose(0, 1).flatten(0, 1)) for micro_crops, micro_masks in parts]
 
+    def join(self, parts, micro_batches):
+        """CLS rows crop-major as the other methods; the masked patches' rows (the last output)
+        put back in the whole batch's order: crop, image, patch."""
+        *rows, masked = zip(*parts)
+        joined = super().join([tuple(part) for part in zip(*rows)], micro_batches)
+        images = sum(len(masks) // 2 for _, masks in micro_batches)
+        places, first_image = [], 0
+        for _, masks in micro_batches:  # each masked row's place in the whole batch
+            crop, image, patch = masks.unflatten(0, (2, -1)).nonzero().unbind(1)
+            places.append((crop * images + first_image + image) * masks.shape[1] + patch)
+            first_image += len(masks) // 2
+        return (*joined, torch.cat(masked)[torch.cat(places).argsort()])
+
+    def student_outputs(self, student, batch):
+        """(CLS tokens, their DINO head's outputs, the iBOT head's outputs of the masked patches)."""
+        crops, masks = batch
         student_cls, student_patches = student(crops, masks)
         network = unwrap(student)
-        dino_outputs = network.dino_head(student_cls).float()
-        ibot_outputs = network.ibot_head(student_patches.flatten(0, 1)[masked]).float()
+        masked = masks.flatten().nonzero().flatten()
+        return (student_cls, at_least_float32(network.dino_head(student_cls)),
+                at_least_float32(network.ibot_head(student_patches.flatten(0, 1)[masked])))
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch):
+        """(The DINO head's outputs of the global crops' CLS tokens, crops swapped; the iBOT
+        head's of the patches the student masks)."""
+        crops, masks = batch
+        teacher_cls, teacher_patches = self.teacher(crops[:2])
+        teacher_cls = torch.cat(teacher_cls.chunk(2)[::-1])  # crop A's student meets crop B's teacher
+        masked = masks.flatten().nonzero().flatten()
+        return (at_least_float32(self.teacher.dino_head(teacher_cls)),
+                at_least_float32(self.teacher.ibot_head(teacher_patches.flatten(0, 1)[masked])))
+
+    def loss_from(self, student_outputs, teacher_outputs, batch, epoch, step):
+        crops, masks = batch
+        config, losses = self.config, self.loss_module
+        student_cls, dino_outputs, ibot_outputs = student_outputs
+        dino_logits, ibot_logits = teacher_outputs
+        batch_size, local_crops = crops[0].shape[0], len(crops) - 2
+        with torch.no_grad(), self._losses_backend():
+            dino_targets, ibot_targets = self._teacher_targets(dino_logits, ibot_logits,
+                                                               self.teacher_temperature(epoch))
+        self._targets_sample = dino_targets[:COLLAPSE_SAMPLE_ROWS]
         global_outputs, local_outputs = dino_outputs[:2 * batch_size], dino_outputs[2 * batch_size:]
         terms = 2 + 2 * local_crops
         with record_function(LOSS), self._losses_backend():
@@ -111,8 +142,8 @@ class DINOv2(Method):
                 loss = loss + losses["dino"](list(local_outputs.chunk(local_crops)),
                                              list(dino_targets.chunk(2))) / terms
             loss = loss + config.koleo_loss_weight * sum(
-                losses["koleo"](cls) for cls in student_cls[:2 * batch_size].float().chunk(2))
-            if len(masked):  # iBOT: averaged over the two global crops, as DINOv2 scales it
+                losses["koleo"](cls) for cls in at_least_float32(student_cls[:2 * batch_size]).chunk(2))
+            if len(ibot_outputs):  # iBOT: averaged over the two global crops, as DINOv2 scales it
                 loss = loss + config.ibot_loss_weight * losses["ibot"].forward_masked(
                     ibot_outputs, ibot_targets, masks)
         return loss

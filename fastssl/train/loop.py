@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import fastssl
+from fastssl.accumulate import cached_gradient_step, without_gradient
 from fastssl.devices import target_of
 from fastssl.train.checkpoint import all_rng_states, load_newest_readable, save_keeping_previous, set_rng_state
 from fastssl.train.config import TrainConfig, validate
@@ -33,11 +34,13 @@ from fastssl.train.data import (
     seed_python_and_numpy,
 )
 from fastssl.train.knn import knn_accuracy
-from fastssl.train.method import Method, build_method, collapse_statistics
+from fastssl.train.method import Method, build_method, collapse_statistics, micro_batch_images
+from fastssl.train.models import unwrap
 from fastssl.train.monitor import CollapseWatch, MetricLog, ProgressBar
 from fastssl.train.optim import Schedules, apply_schedules, build_optimizer
 from fastssl.train.runtime import (
     Runtime,
+    deferred_gradient_sync,
     full_model_state,
     full_optimizer_state,
     gathered,
@@ -99,12 +102,14 @@ def train_step(method: Method, student: torch.nn.Module, optimizer: torch.optim.
     config = method.config
     scaler = precision.scaler
     values = apply_schedules(optimizer, schedules, step, config.batch_size / 256)
-    with precision.autocast:
-        loss = method.loss(student, batch, epoch, step)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
     optimizer.zero_grad(set_to_none=True)
-    (loss if scaler is None else scaler.scale(loss)).backward()
+    if config.micro_batch is None or config.micro_batch >= micro_batch_images(batch):
+        with precision.autocast:
+            loss = method.loss(student, batch, epoch, step)
+        _stop_unless_finite(loss, step)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    else:
+        loss = _micro_batch_backward(method, student, batch, epoch, step, precision)
     method.after_backward(epoch, step)
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for clipping and the step
@@ -120,6 +125,39 @@ def train_step(method: Method, student: torch.nn.Module, optimizer: torch.optim.
     values["momentum"] = schedules.teacher_momentum(step)
     method.after_optimizer_step(values["momentum"])
     return loss, values
+
+
+def _stop_unless_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()} at step {step}: stopping (lower --lr?)")
+
+
+def _micro_batch_backward(method: Method, student: torch.nn.Module, batch, epoch: int, step: int,
+                          precision: StepPrecision) -> torch.Tensor:
+    """The whole batch's loss, back-propagated through the student in micro-batches of
+    ``--micro-batch`` images (gradient caching, fastssl.accumulate): the teacher's outputs
+    over the micro-batches, then the student's without gradient, the loss on both joined,
+    and the student again per micro-batch with its slice of the loss's gradient."""
+    micro_batches = method.split(batch, method.config.micro_batch)
+
+    def join(parts):
+        return method.join(parts, micro_batches)
+
+    def encode(micro):
+        with precision.autocast:
+            return method.student_outputs(student, micro)
+
+    def loss_fn(outputs):
+        with precision.autocast:
+            return method.loss_from(outputs, teacher_outputs, batch, epoch, step)
+
+    with precision.autocast:
+        teacher_outputs = None if method.teacher is None else without_gradient(method.teacher_outputs,
+                                                                               micro_batches, join)
+    scale = None if precision.scaler is None else precision.scaler.scale
+    return cached_gradient_step(encode, loss_fn, micro_batches, join=join, module=unwrap(student), scale=scale,
+                                no_sync=deferred_gradient_sync(student),
+                                check_loss=lambda loss: _stop_unless_finite(loss, step))
 
 
 def to_device(batch, device: torch.device):

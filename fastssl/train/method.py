@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastssl.accumulate import concat_crop_major, split_batch
 from fastssl.train.config import TrainConfig
 from fastssl.train.data import MultiCropAugmentation, collate_crops
 from fastssl.train.models import MultiCropBackbone, ema_update, unwrap
@@ -29,6 +30,18 @@ def gather_global_batch(*tensors: torch.Tensor) -> Optional[tuple[torch.Tensor, 
     from torch.distributed.nn import all_gather
 
     return tuple(torch.cat(all_gather(tensor)) for tensor in tensors)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """16-bit outputs of autocast raised to float32 for the losses (float64 stays float64)."""
+    return tensor.float() if tensor.element_size() < 4 else tensor
+
+
+def micro_batch_images(batch) -> int:
+    """The number of images of a batch: the rows of its first tensor (the first crop)."""
+    while not torch.is_tensor(batch):
+        batch = batch[0]
+    return batch.shape[0]
 
 
 class Method:
@@ -55,8 +68,31 @@ class Method:
     def parameter_groups(self) -> list[dict]:
         return split_decay(unwrap(self.student).named_parameters(), self.config.lr)
 
+    # The loss in three parts, so that a step can run in micro-batches (fastssl.accumulate):
+    # the student's outputs (with gradient) and the teacher's (without) for some images, and
+    # the loss of the whole batch's outputs.
     def loss(self, student: nn.Module, batch, epoch: int, step: int) -> torch.Tensor:
+        return self.loss_from(self.student_outputs(student, batch), self.teacher_outputs(batch), batch, epoch, step)
+
+    def student_outputs(self, student: nn.Module, batch):
+        """The student's outputs for ``batch``: tensors laid out as :meth:`join` expects."""
         raise NotImplementedError
+
+    def teacher_outputs(self, batch):
+        """The teacher's outputs for ``batch`` (no gradient), or None without a teacher."""
+        return None
+
+    def loss_from(self, student_outputs, teacher_outputs, batch, epoch: int, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def split(self, batch, micro_batch_size: int) -> list:
+        """``batch`` cut into micro-batches of ``micro_batch_size`` images."""
+        return split_batch(batch, micro_batch_size)
+
+    def join(self, parts: list, micro_batches: list):
+        """The micro-batches' outputs (student's or teacher's) -> the whole batch's: here
+        crop-major rows, ``(crops * m, ...)`` per micro-batch of m images."""
+        return concat_crop_major(parts, [micro_batch_images(micro) for micro in micro_batches])
 
     def output_distribution(self, epoch: int) -> Optional[torch.Tensor]:
         """A sample of the distributions the method's targets come from, (rows, K) and

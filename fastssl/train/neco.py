@@ -20,7 +20,7 @@ from fastssl.profiling import LOSS
 from fastssl.reference.neco import neco_loss_original
 from fastssl.train.config import TrainConfig
 from fastssl.train.data import NeCoCrops, collate_neco
-from fastssl.train.method import Method
+from fastssl.train.method import Method, at_least_float32
 from fastssl.train.models import MultiCropBackbone, build_backbone, crop_groups, make_teacher, mlp, unwrap
 from fastssl.train.optim import split_decay
 
@@ -88,11 +88,15 @@ class NeCo(Method):
         return (split_decay(student.backbone.named_parameters(), self.config.neco_backbone_lr, "backbone_")
                 + split_decay(student.head.named_parameters(), self.config.lr, "head_"))
 
-    def loss(self, student, batch, epoch, step):
+    def student_outputs(self, student, batch):
+        return [at_least_float32(m) for m in student(batch[0])]
+
+    @torch.no_grad()
+    def teacher_outputs(self, batch):
+        return [at_least_float32(m) for m in self.teacher(batch[0][:2])]
+
+    def loss_from(self, student_maps, teacher_maps, batch, epoch, step):
         crops, boxes, flipped = batch
-        student_maps = [m.float() for m in student(crops)]
-        with torch.no_grad():
-            teacher_maps = [m.float() for m in self.teacher(crops[:2])]
         with record_function(LOSS):
             return self._overlap_loss(student_maps, teacher_maps, boxes, flipped)
 

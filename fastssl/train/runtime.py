@@ -88,6 +88,26 @@ def wrap_student(student: nn.Module, teacher, runtime: Runtime) -> nn.Module:
     return nn.parallel.DistributedDataParallel(student)
 
 
+def deferred_gradient_sync(student: nn.Module):
+    """A context in which backward accumulates the student's gradients without reducing them
+    over the processes (DDP's ``no_sync``; FSDP2's ``set_requires_gradient_sync``), for
+    the micro-batches of a step but its last; None in a single process."""
+    if hasattr(student, "no_sync"):
+        return student.no_sync
+    if not hasattr(student, "set_requires_gradient_sync"):
+        return None
+
+    @contextlib.contextmanager
+    def without_sync():
+        student.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            student.set_requires_gradient_sync(True)
+
+    return without_sync
+
+
 def _vit_blocks(module: nn.Module) -> list[nn.Module]:
     """The transformer blocks: each becomes one FSDP unit (gathered just before it runs)."""
     blocks: list[nn.Module] = []

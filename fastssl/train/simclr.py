@@ -56,8 +56,11 @@ class SimCLR(Method):
         self.loss_module = NTXentLoss(config.simclr_temperature, gather_distributed=True) if kernels else \
             OriginalNTXentLoss(config.simclr_temperature)
 
-    def loss(self, student, crops, epoch, step):
-        z1, z2 = student(crops)
+    def student_outputs(self, student, crops):
+        return student(crops)
+
+    def loss_from(self, student_outputs, teacher_outputs, crops, epoch, step):
+        z1, z2 = student_outputs
         with record_function(LOSS):
             # In autocast's dtype, as eager losses' matmuls run under autocast (float32 accumulation).
             return self.loss_module(z1, z2)

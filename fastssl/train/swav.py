@@ -11,7 +11,7 @@ from fastssl.nn import SwAVLoss
 from fastssl.profiling import LOSS
 from fastssl.reference.sinkhorn import swav_loss_original
 from fastssl.train.config import TrainConfig
-from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method
+from fastssl.train.method import COLLAPSE_SAMPLE_ROWS, Method, at_least_float32
 from fastssl.train.models import MultiCropBackbone, backbone_width, build_backbone, crop_groups, mlp, unwrap
 
 SWAV_TEMPERATURE = 0.1  # of the prototype scores' softmax: SwAV's, both losses' default
@@ -80,15 +80,19 @@ class SwAV(Method):
                             embedding_dim=embedding_dim if queue_length else None)
         return OriginalSwAVLoss(n_crops, queue_length, embedding_dim, epsilon)
 
-    def loss(self, student, crops, epoch, step):
-        embeddings, scores = student(crops)
+    def student_outputs(self, student, crops):
+        return student(crops)
+
+    def loss_from(self, student_outputs, teacher_outputs, crops, epoch, step):
+        embeddings, scores = student_outputs
         self._score_sample = scores[:COLLAPSE_SAMPLE_ROWS].detach()
         config = self.config
         with record_function(LOSS):
             if config.swav_queue_length == 0 or epoch < config.swav_epoch_queue_starts:
-                return self.loss_without_queue(scores.float())
-            prototypes = unwrap(student).prototypes.weight
-            return self.loss_module(scores.float(), embeddings.detach().float(), prototypes.detach().float())
+                return self.loss_without_queue(at_least_float32(scores))
+            prototypes = unwrap(self.student).prototypes.weight
+            return self.loss_module(at_least_float32(scores), at_least_float32(embeddings.detach()),
+                                    at_least_float32(prototypes.detach()))
 
     def to(self, device):
         self.loss_without_queue.to(device)
