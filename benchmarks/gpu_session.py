@@ -107,7 +107,7 @@ def environment(device: torch.device, smoke: bool) -> dict:
             record["driver"] = f"nvidia-smi failed: {error}"
         status = _native.cuda_reason() or _native.native().cuda_status
         record["native_cuda"] = status
-        record["native_cuda_for_this_gpu"] = _native.cuda_reason() is None and record["capability"] in status
+        record["native_cuda_for_this_gpu"] = _native.cuda_reason(device) is None
     else:
         record["gpu"] = None
         record["native_cuda"] = _native.cuda_reason()

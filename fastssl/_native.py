@@ -60,12 +60,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def cuda_reason(device: torch.device) -> Optional[str]:
-    """Why the CUDA kernels cannot run on ``device`` (a CUDA device), or None."""
+def cuda_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the CUDA kernels cannot run on ``device`` (a CUDA device), or None; without a
+    device, why they cannot run on any (not built, or built without CUDA)."""
     if _MODULE is None:
         return _MISSING
     if not _MODULE.has_cuda:
         return f"fastssl._C was {_MODULE.cuda_status}"
+    if device is None:
+        return None
     capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if not runs_on(_MODULE.cuda_archs, capability):
         return (f"fastssl._C was {_MODULE.cuda_status}, which does not run on this sm_{capability[0]}{capability[1]} "

@@ -168,14 +168,15 @@ def _micro_batches_on_two_processes(rank, world_size, tmp_path, method_name, mic
     torch.save(result.losses, tmp_path / f"losses_{rank}.pt")
 
 
-@pytest.mark.parametrize("method_name,rank_micro_batch,single_micro_batch,kernels", [
-    ("dino", 2, None, True), ("dinov2", 2, None, True),  # 2 ranks x 2 micro-batches = the whole batch at once
-    ("simclr", None, 4, True), ("swav", None, 4, True),  # 2 ranks of 4 = micro-batches of 4 in one process
-    ("barlow", None, 4, False),  # the original loss: the fused one has no multi-process CPU backend
+@pytest.mark.parametrize("method_name,rank_micro_batch,single_micro_batch,kernels,fsdp", [
+    ("dino", 2, None, True, False), ("dinov2", 2, None, True, False),  # 2 ranks x 2 micro-batches = the whole
+    ("dino", 2, None, True, True),  # batch at once; under FSDP2 too (gradients reduced after the last)
+    ("simclr", None, 4, True, False), ("swav", None, 4, True, False),  # 2 ranks of 4 = micro-batches of 4
+    ("barlow", None, 4, False, False),  # the original loss: the fused one has no multi-process CPU backend
 ])
 def test_two_processes_in_micro_batches_equal_one_process(method_name, rank_micro_batch, single_micro_batch,
-                                                          kernels, tmp_path):
-    options = dict(across_processes(method_name), kernels=kernels)
+                                                          kernels, fsdp, tmp_path):
+    options = dict(across_processes(method_name), kernels=kernels, fsdp=fsdp)
     run_distributed(_micro_batches_on_two_processes, tmp_path, method_name, rank_micro_batch, options,
                     world_size=2)
     ranks = torch.load(tmp_path / "losses_0.pt")

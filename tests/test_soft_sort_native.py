@@ -24,7 +24,7 @@ ROWS = 8
 
 @pytest.fixture(params=[pytest.param("cpu", id="cpp"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
 def device(request):
-    reason = _native.cpp_reason() if request.param == "cpu" else _native.cuda_reason()
+    reason = _native.cpp_reason() if request.param == "cpu" else _native.cuda_reason(torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)
     return request.param
@@ -214,8 +214,9 @@ def test_why_not_and_bad_input():
 
 @pytest.mark.gpu
 def test_cuda_rejects_large_rows():
-    if _native.cuda_reason() is not None:
-        pytest.skip(_native.cuda_reason())
+    reason = _native.cuda_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
     x = torch.randn(2, 300, device="cuda")
     assert "n = 256" in native.why_not_native(x, 300)
     assert native.why_not_native(x[:, :256], 256) is None

@@ -30,7 +30,7 @@ MAX_WIRES_CUDA = 256  # csrc/kernels_api.h: SOFT_SORT_MAX_WIRES_CUDA
 def why_not_native(x: torch.Tensor, n: int) -> Optional[str]:
     """Why the native kernels cannot sort rows of length ``n`` like ``x``, or None."""
     if x.device.type == "cuda":
-        reason = _native.cuda_reason()
+        reason = _native.cuda_reason(x.device)
         if reason is None and padded_size(n) > MAX_WIRES_CUDA:
             reason = (f"the CUDA kernels hold a row's wires in one thread block, up to n = {MAX_WIRES_CUDA}; "
                       f"got n = {n}")
