@@ -14,11 +14,16 @@ kernels compute are the interpreter's own either way.
 The interpreter ignores ``@triton.jit(debug=True)`` and never evaluates ``tl.device_assert``;
 :func:`enable_device_asserts` makes it evaluate them in those kernels (raising where a GPU
 would stop with a device-side assert), so the tests see the checks they make on a GPU.
+
+:func:`launches_free_their_arguments` frees what each launch holds of its arguments when it
+returns, as a GPU launch does, for tests that measure memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 
 
 class _NothingToRestore:
@@ -191,3 +196,34 @@ def restore_exact_math() -> None:
     builder = interpreter.interpreter_builder
     for name, method in getattr(builder, "exact_math", {}).items():
         setattr(builder, name, method)
+
+
+@contextlib.contextmanager
+def launches_free_their_arguments():
+    """Free each interpreted launch's copies of its arguments when the launch returns.
+
+    The interpreter's host copies of the arguments sit in a reference cycle (a recursive
+    closure over them; seen with triton 3.8), so every tensor passed to a kernel lives on
+    until the garbage collector's next pass: memory measured under the interpreter would
+    hold workspaces that a GPU launch frees at once, by an amount that depends on when the
+    collector happens to run. Here a collection follows every launch; the objects alive on
+    entry are frozen out of it (``gc.freeze``), so each pass costs microseconds."""
+    from triton.runtime import interpreter
+
+    executor = interpreter.GridExecutor
+    call = executor.__call__
+
+    def call_and_collect(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            gc.collect()
+
+    gc.collect()
+    gc.freeze()
+    executor.__call__ = call_and_collect
+    try:
+        yield
+    finally:
+        executor.__call__ = call
+        gc.unfreeze()
