@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,8 +45,9 @@ def check_positive_int(name: str, value) -> int:
 
 def host_reads_are_free(value: torch.Tensor) -> bool:
     """Whether reading ``value``'s data on the host costs no synchronization: on the CPU,
-    outside torch.compile's tracing."""
-    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+    outside torch.compile's tracing, and with data to read (not a fake tensor, which memory
+    planning runs the ops on)."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(value)
 
 
 def check_finite(name: str, value: torch.Tensor, consequence: str = "") -> None:
