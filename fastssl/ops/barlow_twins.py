@@ -61,7 +61,7 @@ from fastssl._checks import check_finite, check_float_tensor, check_positive_flo
 from fastssl.backend import select_backend, triton_interpreter_enabled
 from fastssl.distributed import ProcessGroup, gather_rows, resolve_group
 from fastssl.ops.dino_loss import kernel_dtype_reason
-from fastssl.ops.launch import first_that_fits
+from fastssl.ops.launch import first_that_fits, has_data
 from fastssl.ops.triton_math import mma, programs_per_wave
 from fastssl.reference.barlow_twins import barlow_twins_loss_original
 
@@ -280,6 +280,9 @@ def gram_pair(a1, b1, a2=None, b2=None, symmetric=False, matmul="triton"):
             M, N, a1.shape[1]), dict(SYMMETRIC=symmetric, ONE_VIEW=a2 is None, BLOCK=block, BLOCK_K=block_k,
                                      num_warps=warps, **_matmul_options())
 
+    if not has_data(a1):  # every candidate tile is 64 square: the same partials
+        partial = torch.empty(math.prod(grid(GRAM_TILES[0])), dtype=torch.float32, device=a1.device)
+        return g1, g2, partial.sum()
     tile = first_that_fits(("gram_pair", a1.dtype, symmetric, a2 is None), a1.device, GRAM_TILES,
                            lambda tile: [launch(tile, g1)])
     partial = torch.empty(math.prod(grid(tile)), dtype=torch.float32, device=a1.device)
@@ -327,8 +330,9 @@ def cross_correlation(a, b, scale, reduce):
     grid = (triton.cdiv(D, block), triton.cdiv(D, block))
     c = torch.empty((D, D), dtype=torch.float32, device=a.device)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-    _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=block,
-                                    BLOCK_K=block_k, num_warps=warps, **_matmul_options())
+    if has_data(a):
+        _cross_correlation_kernel[grid](a, b, c, partial, a.shape[0], D, scale, REDUCE=reduce, BLOCK=block,
+                                        BLOCK_K=block_k, num_warps=warps, **_matmul_options())
     return c, partial.sum() if reduce else None
 
 
@@ -363,10 +367,11 @@ def standardize_pair(z1, z2, mean1, rstd1, mean2, rstd2):
     z1n = torch.empty((N, D), dtype=torch.float32, device=z1.device)
     z2n = torch.empty((N, D), dtype=torch.float32, device=z2.device)
     diag = torch.empty((splits, D), dtype=torch.float32, device=z1.device)
-    _standardize_pair_kernel[(triton.cdiv(D, BLOCK_D), splits)](
-        z1, z2, mean1, rstd1, mean2, rstd2, z1n, z2n, diag, N, D, rows_per_split,
-        z1.stride(0), z2.stride(0), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-    )
+    if has_data(z1):
+        _standardize_pair_kernel[(triton.cdiv(D, BLOCK_D), splits)](
+            z1, z2, mean1, rstd1, mean2, rstd2, z1n, z2n, diag, N, D, rows_per_split,
+            z1.stride(0), z2.stride(0), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        )
     return z1n, z2n, diag.sum(0)
 
 
@@ -383,12 +388,14 @@ def standardize_backward(gram, other, zn, d, rstd, alpha, n_global, grad_loss, w
     else:  # a fill, not a copy from the host
         alpha = torch.full((1,), alpha, dtype=torch.float32, device=zn.device)
     common = dict(CENTER_ONLY=rstd is None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, None, N, D, rows_per_split,
-                                       1.0 / n_global, float(world), SUMS=True, **common)
+    if has_data(zn):
+        _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, None, N, D,
+                                           rows_per_split, 1.0 / n_global, float(world), SUMS=True, **common)
     sums = all_reduce(sums.sum(0), group)
     dz = torch.empty((N, D), dtype=out_dtype, device=zn.device)
-    _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, dz, N, D, rows_per_split,
-                                       1.0 / n_global, float(world), SUMS=False, **common)
+    if has_data(zn):
+        _standardize_backward_kernel[grid](gram, other, zn, d, rstd, alpha, sums, grad_loss, dz, N, D,
+                                           rows_per_split, 1.0 / n_global, float(world), SUMS=False, **common)
     return dz
 
 

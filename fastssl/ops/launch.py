@@ -29,6 +29,7 @@ from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
 from fastssl.backend import triton_interpreter_enabled
 from fastssl.devices import Target, target_of
@@ -49,6 +50,13 @@ class Resources:
     registers: int  # per thread (NVIDIA) or lane (AMD: VGPRs and AGPRs)
     spills: int  # NVIDIA: spill instructions (or local bytes where SASS is unreadable); AMD: spilled registers
     matrix: str = ""  # what the dots compiled to: tcgen05, wgmma, mma, mfma, fma; "" without dots
+
+
+def has_data(tensor: torch.Tensor) -> bool:
+    """False for fake and meta tensors, on which memory planning runs a step: launchers that
+    are not custom ops (whose fakes stand in for them there) allocate as usual and launch
+    nothing, so the step's allocations are counted without a device."""
+    return not (tensor.is_meta or is_fake(tensor))
 
 
 def signature(kernel, args, kwargs) -> tuple[dict, dict]:
