@@ -22,7 +22,13 @@ from typing import Optional
 import torch
 
 from fastssl import _native
-from fastssl.reference.diffsort import DISTRIBUTIONS, check_distribution, network_codes_tensor, padded_size
+from fastssl.reference.diffsort import (
+    DISTRIBUTIONS,
+    check_distribution,
+    network_codes,
+    network_codes_tensor,
+    padded_size,
+)
 
 MAX_WIRES_CUDA = 256  # csrc/kernels_api.h: SOFT_SORT_MAX_WIRES_CUDA
 
@@ -129,6 +135,19 @@ def soft_sort_backward_native(x: torch.Tensor, grad_sorted: Optional[torch.Tenso
         else:
             C.soft_sort_backward_cpu(*views, net, float(steepness), grad_x.data_ptr())
     return grad_x
+
+
+def native_backward_fake(x: torch.Tensor, network: str, art_lambda: float, backend: str) -> torch.Tensor:
+    """What a native backward (soft sort's or NeCo's) allocates, for the ops' fakes: the
+    float32 gradient, on a GPU the kernels' checkpoint workspace while they run (sized by the
+    extension from the shapes alone), and the gradient's cast to x's dtype."""
+    grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if backend == "cuda":
+        C = _native.native()
+        codes = network_codes(network, x.shape[1])  # sizes only: no table on the device
+        net = C.SortingNetwork(0, codes.shape[0], codes.shape[1], 0, float(art_lambda))
+        _workspace(C, x.shape[0], net, x.device)
+    return grad_x.to(x.dtype)
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> int:

@@ -200,7 +200,9 @@ class Partials(NamedTuple):
     column_sum: torch.Tensor
 
 
-def _forward_partials(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp) -> Partials:
+def _forward_partials(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp,
+                      launch: bool = True) -> Partials:
+    """The forward kernel's partials; ``launch=False`` (the fakes): the same allocations, no kernel."""
     K = student.shape[1]
     B = student.shape[0] // n_student
     t_pad, s_pad, block_k, num_warps = _launch_shape(K, n_student, n_teacher)
@@ -218,14 +220,15 @@ def _forward_partials(student, teacher, center, n_student, n_teacher, student_te
     s_sum = torch.empty((B, s_pad, n_chunks), **f32)
     dots = torch.empty((B, t_pad, s_pad, n_chunks), **f32)
     column_sums = torch.empty((n_groups, K), **f32) if teacher_logits else None
-    _dino_forward_kernel[(n_chunks, n_groups)](
-        student, teacher, center, t_max, t_sum, s_max, s_sum, dots, column_sums,
-        B, K, n_chunks, images_per_group, student.stride(0), teacher.stride(0),
-        *_scales(student_temp, teacher_temp),
-        T=n_teacher, S=n_student, T_PAD=t_pad, S_PAD=s_pad,
-        TEACHER_LOGITS=teacher_logits, HAS_CENTER=center is not None,
-        BLOCK_K=block_k, num_warps=num_warps,
-    )
+    if launch:
+        _dino_forward_kernel[(n_chunks, n_groups)](
+            student, teacher, center, t_max, t_sum, s_max, s_sum, dots, column_sums,
+            B, K, n_chunks, images_per_group, student.stride(0), teacher.stride(0),
+            *_scales(student_temp, teacher_temp),
+            T=n_teacher, S=n_student, T_PAD=t_pad, S_PAD=s_pad,
+            TEACHER_LOGITS=teacher_logits, HAS_CENTER=center is not None,
+            BLOCK_K=block_k, num_warps=num_warps,
+        )
     column_sum = column_sums.sum(0) if teacher_logits else t_max.new_zeros(0)
     return Partials(t_max[:, :n_teacher], t_sum[:, :n_teacher], s_max[:, :n_student],
                     s_sum[:, :n_student], dots[:, :n_teacher, :n_student], column_sum)
@@ -271,14 +274,18 @@ def _merge_chunks(chunk_max: torch.Tensor, chunk_sum: torch.Tensor, scale2: floa
 
 def _dino_backward_triton(grad_out, student, teacher, center, student_stats, teacher_stats,
                           pair_weights, sample_weights, n_student, n_teacher,
-                          student_temp, teacher_temp):
+                          student_temp, teacher_temp, launch: bool = True):
+    """dL/dstudent; ``launch=False`` (the fake): the same allocations, no kernel."""
     K = student.shape[1]
     B = student.shape[0] // n_student
     t_pad, s_pad, block_k, num_warps = _launch_shape(K, n_student, n_teacher)
     grad = torch.empty_like(student)
+    grad_out = grad_out.float()
+    if not launch:
+        return grad
     _dino_backward_kernel[(B, triton.cdiv(K, block_k))](
         student, teacher, center, grad, student_stats, teacher_stats, pair_weights, sample_weights,
-        grad_out.float(), B, K, student.stride(0), teacher.stride(0), grad.stride(0),
+        grad_out, B, K, student.stride(0), teacher.stride(0), grad.stride(0),
         *_scales(student_temp, teacher_temp),
         T=n_teacher, S=n_student, T_PAD=t_pad, S_PAD=s_pad,
         TEACHER_LOGITS=teacher_temp is not None, HAS_CENTER=center is not None,
@@ -302,21 +309,21 @@ def partials_op(
     n_student: int, n_teacher: int, student_temp: float, teacher_temp: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward kernel alone, for callers that merge partials of several K slices."""
-    parts = _forward_partials(student, teacher, center, n_student, n_teacher, student_temp,
-                              _optional_temp(teacher_temp))
+    return _own_partials(_forward_partials(student, teacher, center, n_student, n_teacher, student_temp,
+                                           _optional_temp(teacher_temp)))
+
+
+def _own_partials(parts: Partials) -> tuple:
+    # A custom op's outputs may not be views: the crops' slices of the padded buffers are copied.
     return tuple(part.clone() if part._base is not None else part for part in parts)
 
 
 @partials_op.register_fake
 def _(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp):
-    K = student.shape[1]
-    B = student.shape[0] // n_student
-    n_chunks = triton.cdiv(K, _launch_shape(K, n_student, n_teacher)[2])
-    f32 = dict(device=student.device, dtype=torch.float32)
-    return (torch.empty((B, n_teacher, n_chunks), **f32), torch.empty((B, n_teacher, n_chunks), **f32),
-            torch.empty((B, n_student, n_chunks), **f32), torch.empty((B, n_student, n_chunks), **f32),
-            torch.empty((B, n_teacher, n_student, n_chunks), **f32),
-            torch.empty((K,) if teacher_temp > 0 else (0,), **f32))
+    # The launcher without its kernel: the padded float32 partials (and the teacher column
+    # sums per image group), then the copies of their crop slices that the op returns.
+    return _own_partials(_forward_partials(student, teacher, center, n_student, n_teacher, student_temp,
+                                           _optional_temp(teacher_temp), launch=False))
 
 
 @torch.library.custom_op("fastssl::dino_cross_entropy_fwd", mutates_args=())
@@ -335,11 +342,14 @@ def _forward_op(
 @_forward_op.register_fake
 def _(student, teacher, center, pair_weights, sample_weights, n_student, n_teacher,
       student_temp, teacher_temp):
-    B = student.shape[0] // n_student
-    f32 = dict(device=student.device, dtype=torch.float32)
-    column = (student.shape[1],) if teacher_temp > 0 else (0,)
-    return (torch.empty((), **f32), torch.empty((B, n_student, 2), **f32),
-            torch.empty((B, n_teacher, 3), **f32), torch.empty(column, **f32))
+    # The partials as the launcher allocates them (no kernel), then the same merge: its
+    # PyTorch temporaries are the op's too.
+    teacher_temp = _optional_temp(teacher_temp)
+    parts = _forward_partials(student, teacher, center, n_student, n_teacher, student_temp, teacher_temp,
+                              launch=False)
+    loss, student_stats, teacher_stats = _merge_partials(
+        parts, student_temp, teacher_temp, pair_weights, sample_weights)
+    return loss, student_stats, teacher_stats, parts.column_sum
 
 
 @torch.library.custom_op("fastssl::dino_cross_entropy_bwd", mutates_args=())
@@ -358,7 +368,10 @@ def backward_op(
 @backward_op.register_fake
 def _(grad_out, student, teacher, center, student_stats, teacher_stats, pair_weights, sample_weights,
       n_student, n_teacher, student_temp, teacher_temp):
-    return torch.empty_like(student)
+    # dL/dstudent (like student) and the float32 copy of a 16-bit upstream gradient.
+    return _dino_backward_triton(grad_out, student, teacher, center, student_stats, teacher_stats, pair_weights,
+                                 sample_weights, n_student, n_teacher, student_temp, _optional_temp(teacher_temp),
+                                 launch=False)
 
 
 def _setup_context(ctx, inputs, output):

@@ -192,11 +192,14 @@ def _launch_rows(kernel, key, n_rows: int, args: tuple, blocks: list[int], block
     kernel[(triton.cdiv(n_rows, block),)](*args, **launch_options(block))
 
 
-def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
+def _forward_triton(query, keys, own_view, temperature: float, row_offset: int, launch: bool = True):
+    """(lse, positive logit) per query row; ``launch=False`` (the fake): allocations only."""
     M, D = query.shape
     N = keys.shape[0]
     lse = torch.empty(M, dtype=torch.float32, device=query.device)
     positive = torch.empty_like(lse)
+    if not launch:
+        return lse, positive
     args = (query, keys, keys if own_view is None else own_view, lse, positive,
             M, N, D, row_offset, LOG2_E / temperature, query.stride(0), keys.stride(0),
             keys.stride(0) if own_view is None else own_view.stride(0))
@@ -206,9 +209,12 @@ def _forward_triton(query, keys, own_view, temperature: float, row_offset: int):
     return lse, positive
 
 
-def _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries: bool, own_view: bool):
+def _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries: bool, own_view: bool,
+               launch: bool):
     D = rows.shape[1]
     out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    if not launch:
+        return out
     args = (out, rows, other, lse, M, N, D, row_offset, LOG2_E / temperature, rows.stride(0), other.stride(0),
             out.stride(0))
     _launch_rows(_info_nce_grad_rows_kernel, ("info_nce gradient", rows.dtype, D, rows_are_queries, own_view),
@@ -219,15 +225,19 @@ def _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries
 
 
 def _backward_triton(grad_loss, query, keys, own_view, lse, temperature: float, row_offset: int,
-                     need_keys: bool, need_own_view: bool):
+                     need_keys: bool, need_own_view: bool, launch: bool = True):
+    """The rows' gradients; ``launch=False`` (the fake): the same allocations, no kernel."""
     M, N = query.shape[0], keys.shape[0]
     scale = grad_loss.float() / (M * temperature)
-    grad_query = _grad_rows(query, keys, lse, M, N, temperature, row_offset, True, False)
+
+    def grad_rows(rows, other, rows_are_queries: bool, own: bool):
+        return _grad_rows(rows, other, lse, M, N, temperature, row_offset, rows_are_queries, own, launch)
+
+    grad_query = grad_rows(query, keys, True, False)
     if own_view is not None:
-        grad_query += _grad_rows(query, own_view, lse, M, N, temperature, row_offset, True, True)
-    grad_keys = _grad_rows(keys, query, lse, M, N, temperature, row_offset, False, False) if need_keys else None
-    grad_own = _grad_rows(own_view, query, lse, M, N, temperature, row_offset, False, True) \
-        if need_own_view else None
+        grad_query += grad_rows(query, own_view, True, True)
+    grad_keys = grad_rows(keys, query, False, False) if need_keys else None
+    grad_own = grad_rows(own_view, query, False, True) if need_own_view else None
     return tuple(None if g is None else (g * scale).to(like.dtype)
                  for g, like in ((grad_query, query), (grad_keys, keys), (grad_own, own_view)))
 
@@ -244,7 +254,9 @@ def _info_nce_op(query: torch.Tensor, keys: torch.Tensor, own_view: Optional[tor
 
 @_info_nce_op.register_fake
 def _(query, keys, own_view, temperature, row_offset):
-    return query.new_empty((), dtype=torch.float32), query.new_empty((query.shape[0],), dtype=torch.float32)
+    # The launcher's float32 lse and positive logit per query row, and the loss's temporaries.
+    lse, positive = _forward_triton(query, keys, own_view, temperature, row_offset, launch=False)
+    return (lse - positive).mean(), lse
 
 
 @torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
@@ -259,8 +271,11 @@ def _info_nce_backward_op(grad_loss: torch.Tensor, query: torch.Tensor, keys: to
 
 @_info_nce_backward_op.register_fake
 def _(grad_loss, query, keys, own_view, lse, temperature, row_offset, need_keys, need_own_view):
-    return [torch.empty_like(query)] + ([torch.empty_like(keys)] if need_keys else []) + \
-        ([torch.empty_like(own_view)] if need_own_view else [])
+    # The launcher without its kernels: a float32 gradient per side (and one more for the
+    # own-view term of the queries), each scaled and cast to its rows' dtype.
+    grads = _backward_triton(grad_loss, query, keys, own_view, lse, temperature, row_offset, need_keys,
+                             need_own_view, launch=False)
+    return [grad for grad in grads if grad is not None]
 
 
 def _setup_context(ctx, inputs, output):

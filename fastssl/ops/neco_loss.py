@@ -34,7 +34,12 @@ import triton.language as tl
 from torch.profiler import record_function
 
 from fastssl.backend import Reason, select_backend
-from fastssl.ops._soft_sort_native import neco_loss_backward_native, neco_loss_forward_native, why_not_native
+from fastssl.ops._soft_sort_native import (
+    native_backward_fake,
+    neco_loss_backward_native,
+    neco_loss_forward_native,
+    why_not_native,
+)
 from fastssl.ops.soft_sort import (
     DEFAULT_BACKENDS,
     _identity_tile,
@@ -88,12 +93,16 @@ def _neco_forward_kernel(
     tl.store(partial_ptr + row * n_tiles + tile, tl.sum(tl.sum(terms, axis=1), axis=0))
 
 
-def _neco_rows_triton(student, teacher, steepness_student, steepness_teacher, network, distribution, art_lambda):
+def _neco_rows_triton(student, teacher, steepness_student, steepness_teacher, network, distribution, art_lambda,
+                      launch: bool = True):
+    """Per-row losses; ``launch=False`` (the fake): the same allocations, no kernel."""
     rows, n = student.shape
-    codes = network_codes_tensor(network, n, student.device)
     N, tile, num_warps = launch_shape(n, student.device)
     n_tiles = N // tile
     partial = torch.empty((rows, n_tiles), dtype=torch.float32, device=student.device)
+    if not launch:
+        return partial.sum(1) / -n
+    codes = network_codes_tensor(network, n, student.device)
     _neco_forward_kernel[(rows, n_tiles)](
         student, teacher, codes, partial, n, codes.shape[0], n_tiles,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
@@ -115,6 +124,10 @@ def _neco_rows_op(student: torch.Tensor, teacher: torch.Tensor, steepness_studen
 
 @_neco_rows_op.register_fake
 def _(student, teacher, steepness_student, steepness_teacher, network, distribution, art_lambda, backend):
+    # Triton: the float32 partial sums per (row, P tile) and their reduction; native: the losses.
+    if backend == "triton":
+        return _neco_rows_triton(student, teacher, steepness_student, steepness_teacher, network, distribution,
+                                 art_lambda, launch=False)
     return student.new_empty((student.shape[0],), dtype=torch.float32)
 
 
@@ -132,7 +145,12 @@ def neco_backward_op(grad_rows: torch.Tensor, student: torch.Tensor, teacher: to
 
 @neco_backward_op.register_fake
 def _(grad_rows, student, teacher, steepness_student, steepness_teacher, network, distribution, art_lambda, backend):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
+    # The soft-sort backward's allocations (see its fake), with the NeCo adjoint formed on chip.
+    if backend != "triton":
+        return native_backward_fake(student, network, art_lambda, backend)
+    return soft_sort_backward_triton(student, None, None, steepness_student, network, distribution, art_lambda,
+                                     teacher=teacher, grad_rows=grad_rows.float().contiguous(),
+                                     teacher_steepness=steepness_teacher, launch=False)
 
 
 def _setup_context(ctx, inputs, output):

@@ -263,6 +263,7 @@ def _logsumexp_reduce(
     scale: float,
     block_reduce: int,
     block_keep: int,
+    launch: bool = True,
 ) -> torch.Tensor:
     """log2sumexp2 of ``values * scale - other_lse`` over ``reduce_dim`` (1 or 2) of a 3-D
     (problems, d1, d2) tensor, as float32 (problems, kept length). Splits the reduced axis
@@ -280,31 +281,34 @@ def _logsumexp_reduce(
     n_splits = triton.cdiv(n_reduce, reduce_per_split)
 
     out = torch.empty((n_problems, n_splits, n_keep), device=values.device, dtype=torch.float32)
-    _partial_logsumexp_kernel[(n_keep_blocks * n_problems, n_splits)](
-        values, other_lse, out,
-        n_keep, n_reduce, n_keep_blocks,
-        values.stride(0), values.stride(reduce_dim), values.stride(keep_dim),
-        scale, reduce_per_split,
-        HAS_OTHER=other_lse is not None,
-        BLOCK_REDUCE=block_reduce, BLOCK_KEEP=block_keep,
-        num_warps=_num_warps(block_reduce * block_keep),
-    )
+    if launch:
+        _partial_logsumexp_kernel[(n_keep_blocks * n_problems, n_splits)](
+            values, other_lse, out,
+            n_keep, n_reduce, n_keep_blocks,
+            values.stride(0), values.stride(reduce_dim), values.stride(keep_dim),
+            scale, reduce_per_split,
+            HAS_OTHER=other_lse is not None,
+            BLOCK_REDUCE=block_reduce, BLOCK_KEEP=block_keep,
+            num_warps=_num_warps(block_reduce * block_keep),
+        )
     if n_splits == 1:
         return out.view(n_problems, n_keep)
-    return _logsumexp_reduce(out, 1, None, 1.0, block_reduce=64, block_keep=64)
+    return _logsumexp_reduce(out, 1, None, 1.0, block_reduce=64, block_keep=64, launch=launch)
 
 
-def _prototype_half_iteration(scores, lse_b, scale, group):
-    lse_k = _logsumexp_reduce(scores, 1, lse_b, scale, block_reduce=32, block_keep=128)
+def _prototype_half_iteration(scores, lse_b, scale, group, launch):
+    lse_k = _logsumexp_reduce(scores, 1, lse_b, scale, block_reduce=32, block_keep=128, launch=launch)
     return all_reduce_logsumexp(lse_k, group, base2=True)
 
 
-def _sample_half_iteration(scores, lse_k, scale):
-    return _logsumexp_reduce(scores, 2, lse_k, scale, block_reduce=512, block_keep=8)
+def _sample_half_iteration(scores, lse_k, scale, launch):
+    return _logsumexp_reduce(scores, 2, lse_k, scale, block_reduce=512, block_keep=8, launch=launch)
 
 
-def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int, group: ProcessGroup):
-    """Launch the kernels on a (problems, B, K) tensor. Returns (Q float32, lse_b float32)."""
+def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int, group: ProcessGroup, launch: bool = True):
+    """Launch the kernels on a (problems, B, K) tensor. Returns (Q float32, lse_b float32).
+    ``launch=False`` (the fake): the same allocations, no kernel and no communication (the
+    all-reduces' temporaries are K floats per problem)."""
     n_problems, B, K = scores.shape
     scale = LOG2_E / eps
     q = torch.empty((n_problems, B, K), device=scores.device, dtype=torch.float32)
@@ -313,23 +317,27 @@ def _sinkhorn_triton(scores: torch.Tensor, eps: float, n_iters: int, group: Proc
 
     if group is None and block_b * block_k <= SINGLE_TILE_MAX_ELEMENTS:
         lse_b = torch.empty((n_problems, B), device=scores.device, dtype=torch.float32)
-        _sinkhorn_single_tile_kernel[(n_problems,)](
-            scores, q, lse_b, B, K, *strides, scale, n_iters,
-            BLOCK_B=block_b, BLOCK_K=block_k, num_warps=_num_warps(block_b * block_k),
-        )
+        if launch:
+            _sinkhorn_single_tile_kernel[(n_problems,)](
+                scores, q, lse_b, B, K, *strides, scale, n_iters,
+                BLOCK_B=block_b, BLOCK_K=block_k, num_warps=_num_warps(block_b * block_k),
+            )
         return q, lse_b
 
+    group = group if launch else None
     lse_b = torch.zeros((n_problems, B), device=scores.device, dtype=torch.float32)
     for iteration in range(n_iters):
-        lse_k = _prototype_half_iteration(scores, lse_b, scale, group)
+        lse_k = _prototype_half_iteration(scores, lse_b, scale, group, launch)
         if iteration < n_iters - 1:  # the last sample half-iteration is fused with the write
-            lse_b = _sample_half_iteration(scores, lse_k, scale)
+            lse_b = _sample_half_iteration(scores, lse_k, scale, launch)
 
     row_in_one_tile = block_k <= ROW_TILE_MAX_ELEMENTS
     tile_k = block_k if row_in_one_tile else SWEEP_TILE_K
     rows_per_program = max(1, min(TILE_ELEMENTS // tile_k, block_b))
     n_row_blocks = triton.cdiv(B, rows_per_program)
     lse_b = torch.empty((n_problems, B), device=scores.device, dtype=torch.float32)
+    if not launch:
+        return q, lse_b
     _write_assignments_kernel[(n_row_blocks * n_problems,)](
         scores, lse_k, lse_b, q, B, K, n_row_blocks, *strides, scale,
         ROW_IN_ONE_TILE=row_in_one_tile, BLOCK_B=rows_per_program, BLOCK_K=tile_k,
@@ -400,11 +408,28 @@ def _raise_if_not_finite(lse_b: torch.Tensor) -> None:
                                   "makes the original return NaN")
 
 
-@torch.library.custom_op("fastssl::sinkhorn_knopp", mutates_args=())
-def _sinkhorn_knopp_op(scores: torch.Tensor, eps: float, n_iters: int, group: str, backend: str) -> torch.Tensor:
+def _native_allocations(scores: torch.Tensor):
+    """What :func:`_sinkhorn_native` allocates, for the fake: lse_b, lse_k, Q and on a GPU the
+    column pass's split workspace. Returns (Q, lse_b)."""
+    n_problems, B, K = scores.shape
+    f32 = dict(device=scores.device, dtype=torch.float32)
+    lse_b = torch.zeros((n_problems, B), **f32)
+    held = [torch.empty((n_problems, K), **f32)]  # lse_k
+    q = torch.empty((n_problems, B, K), **f32)
+    if scores.is_cuda:
+        column_blocks = max(1, triton.cdiv(K, 256))
+        splits = max(1, min(triton.cdiv(B, 64), programs_per_wave(scores.device, elsewhere=8) // column_blocks))
+        held.append(torch.empty(2 * n_problems * splits * K, **f32))
+    return q, lse_b  # what ``held`` holds is freed here, as the launcher's are at its return
+
+
+def _sinkhorn_knopp(scores: torch.Tensor, eps: float, n_iters: int, group: str, backend: str,
+                    launch: bool = True) -> torch.Tensor:
     problems = scores.reshape(-1, *scores.shape[-2:])
     if backend == "triton":
-        q, lse_b = _sinkhorn_triton(problems, eps, n_iters, group_from_name(group))
+        q, lse_b = _sinkhorn_triton(problems, eps, n_iters, group_from_name(group) if launch else None, launch)
+    elif not launch:
+        q, lse_b = _native_allocations(problems)
     else:
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
             q, lse_b = _sinkhorn_native(problems, eps, n_iters, group_from_name(group))
@@ -412,9 +437,17 @@ def _sinkhorn_knopp_op(scores: torch.Tensor, eps: float, n_iters: int, group: st
     return q.view(scores.shape)
 
 
+@torch.library.custom_op("fastssl::sinkhorn_knopp", mutates_args=())
+def _sinkhorn_knopp_op(scores: torch.Tensor, eps: float, n_iters: int, group: str, backend: str) -> torch.Tensor:
+    return _sinkhorn_knopp(scores, eps, n_iters, group, backend)
+
+
 @_sinkhorn_knopp_op.register_fake
 def _(scores, eps, n_iters, group, backend):
-    return scores.new_empty(scores.shape, dtype=_output_dtype(scores.dtype))
+    # The launcher without its kernels: Q (float32), the log-sum-exp vectors and the
+    # half-iterations' per-split partials, each alive as long as in the launcher, and the
+    # finiteness check's temporaries.
+    return _sinkhorn_knopp(scores, eps, n_iters, group, backend, launch=False)
 
 
 # ----------------------------------------------------------------------------- functional API

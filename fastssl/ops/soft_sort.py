@@ -55,13 +55,19 @@ import triton.language as tl
 
 from fastssl._checks import check_finite, check_float_tensor
 from fastssl.backend import Reason, select_backend, triton_interpreter_enabled
-from fastssl.ops._soft_sort_native import soft_sort_backward_native, soft_sort_forward_native, why_not_native
+from fastssl.ops._soft_sort_native import (
+    native_backward_fake,
+    soft_sort_backward_native,
+    soft_sort_forward_native,
+    why_not_native,
+)
 from fastssl.ops.launch import first_that_fits
 from fastssl.ops.triton_math import programs_per_wave
 from fastssl.reference.diffsort import (
     DISTRIBUTIONS,
     check_distribution,
     check_network,
+    network_codes,
     network_codes_tensor,
     padded_size,
     soft_sort_reference,
@@ -367,12 +373,13 @@ def _soft_sort_forward_triton(x, steepness, network, distribution, art_lambda):
 
 
 def soft_sort_backward_triton(x, grad_x_sorted, grad_P, steepness, network, distribution, art_lambda,
-                              teacher=None, grad_rows=None, teacher_steepness=0.0):
+                              teacher=None, grad_rows=None, teacher_steepness=0.0, launch=True):
     """dL/dx of (R, n) rows. With ``teacher`` (and ``grad_rows``, float32 (R,)) the output
-    adjoint is the NeCo loss's instead of (grad_x_sorted, grad_P)."""
+    adjoint is the NeCo loss's instead of (grad_x_sorted, grad_P). ``launch=False`` (the
+    fakes): the same allocations, with the first candidate tile's scratch (the largest, an
+    upper bound where a GPU takes a smaller one), and no kernel."""
     rows, n = x.shape
-    codes = network_codes_tensor(network, n, x.device)
-    n_layers = codes.shape[0]
+    n_layers = network_codes(network, n).shape[0]  # the device's table is fetched only to launch
     every = checkpoint_interval(n_layers, x.device)
     n_checkpoints = triton.cdiv(n_layers, every)
     programs = backward_programs(rows, x.device)
@@ -388,7 +395,12 @@ def soft_sort_backward_triton(x, grad_x_sorted, grad_P, steepness, network, dist
     flags = dict(DISTRIBUTION=distribution_id(distribution), HAS_GRAD_XS=grad_x_sorted is not None and not neco,
                  HAS_GRAD_P=grad_P is not None and not neco, NECO=neco)
 
-    def launch(tile: int, scratch_p: torch.Tensor):
+    if not launch:
+        torch.empty((programs, n_checkpoints, backward_tiles(n, x.device)[0], padded_size(n)), **f32)
+        return grad_x
+    codes = network_codes_tensor(network, n, x.device)
+
+    def launch_of(tile: int, scratch_p: torch.Tensor):
         N, tile, num_warps = launch_shape(n, x.device, tile)
         args = (x, codes, gs, gp, grad_x, alpha_grad, scratch_x, scratch_p, t, grad_rows,
                 rows, n, n_layers, N // tile, n_checkpoints, every,
@@ -397,8 +409,8 @@ def soft_sort_backward_triton(x, grad_x_sorted, grad_P, steepness, network, dist
         return _soft_sort_backward_kernel, args, dict(N=N, TILE=tile, num_warps=num_warps, **flags)
 
     tile = first_that_fits(("soft_sort backward", x.dtype, n, tuple(flags.items())), x.device,
-                           backward_tiles(n, x.device), lambda tile: [launch(tile, scratch_x)])
-    kernel, args, kwargs = launch(tile, torch.empty((programs, n_checkpoints, tile, padded_size(n)), **f32))
+                           backward_tiles(n, x.device), lambda tile: [launch_of(tile, scratch_x)])
+    kernel, args, kwargs = launch_of(tile, torch.empty((programs, n_checkpoints, tile, padded_size(n)), **f32))
     kernel[(programs,)](*args, **kwargs)
     return grad_x
 
@@ -417,8 +429,12 @@ def _soft_sort_op(x: torch.Tensor, steepness: float, network: str, distribution:
 
 @_soft_sort_op.register_fake
 def _(x, steepness, network, distribution, art_lambda, backend):
+    # Triton writes x_sorted and P in x's dtype; the native kernels write float32, then cast.
     rows, n = x.shape
-    return x.new_empty((rows, n)), x.new_empty((rows, n, n))
+    if backend == "triton":
+        return x.new_empty((rows, n)), x.new_empty((rows, n, n))
+    x_sorted, P = (x.new_empty(shape, dtype=torch.float32) for shape in ((rows, n), (rows, n, n)))
+    return x_sorted.to(x.dtype), P.to(x.dtype)
 
 
 @torch.library.custom_op("fastssl::soft_sort_bwd", mutates_args=())
@@ -433,7 +449,13 @@ def soft_sort_backward_op(grad_x_sorted: Optional[torch.Tensor], grad_P: Optiona
 
 @soft_sort_backward_op.register_fake
 def _(grad_x_sorted, grad_P, x, steepness, network, distribution, art_lambda, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    # Triton: dL/dx, the (R, L, N) float32 dL/dalpha buffer and the per-program checkpoint
+    # scratch (the launcher without its kernel). Native: float32 dL/dx (and on a GPU the
+    # extension's checkpoint workspace, sized by it) cast to x's dtype.
+    if backend == "triton":
+        return soft_sort_backward_triton(x, grad_x_sorted, grad_P, steepness, network, distribution, art_lambda,
+                                         launch=False)
+    return native_backward_fake(x, network, art_lambda, backend)
 
 
 def _setup_context(ctx, inputs, output):

@@ -389,6 +389,30 @@ def _class_capacity(total_tokens: int, n_seqs: int, shorter: int, longest: int, 
     return capacity
 
 
+def _schedule_plans(total_tokens: int, n_seqs: int, max_seqlen: int, shapes) -> list[tuple]:
+    """(shortest excluded, longest, tile shape, capacity) per class, from shapes alone."""
+    plans, shorter = [], 0
+    for max_len, shape in shapes:
+        capacity = _class_capacity(total_tokens, n_seqs, shorter, max_len, shape.rows, max_seqlen)
+        plans.append((shorter, max_len, shape, capacity))
+        shorter = max_len
+    return plans
+
+
+def _empty_table(cu_seqlens: torch.Tensor, plans) -> torch.Tensor:
+    stride = max(plan[3] for plan in plans) * TABLE_FIELDS
+    return torch.empty((len(plans), stride), dtype=torch.int32, device=cu_seqlens.device)
+
+
+def _fake_table(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, which: str) -> torch.Tensor:
+    """The tile table a launch of ``which`` ("forward" or "backward") allocates, for the
+    fakes: with each class's first candidate tile (what the interpreter takes, and a GPU where
+    it fits; the table holds a few int32 per tile either way)."""
+    shapes = [(length_class.max_len, getattr(length_class, which)[0])
+              for length_class in length_classes(q.shape[-1], q.element_size())]
+    return _empty_table(cu_seqlens, _schedule_plans(q.shape[0], cu_seqlens.shape[0] - 1, max_seqlen, shapes))
+
+
 def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, shapes):
     """Per class with any possible tile: (tile shape, table view (capacity, 4)), built by one
     launch of ``_schedule_kernel`` on cu_seqlens' device without reading it on the host.
@@ -396,13 +420,9 @@ def _schedule(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen: int, shap
     there, those of capacity 0 too, so that a sequence the capacities leave out stops the
     kernel instead of going unscheduled."""
     n_seqs = cu_seqlens.shape[0] - 1
-    plans, shorter = [], 0
-    for max_len, shape in shapes:
-        capacity = _class_capacity(total_tokens, n_seqs, shorter, max_len, shape.rows, max_seqlen)
-        plans.append((shorter, max_len, shape, capacity))
-        shorter = max_len
-    stride = max(plan[3] for plan in plans) * TABLE_FIELDS
-    table = torch.empty((len(plans), stride), dtype=torch.int32, device=cu_seqlens.device)
+    plans = _schedule_plans(total_tokens, n_seqs, max_seqlen, shapes)
+    table = _empty_table(cu_seqlens, plans)
+    stride = table.shape[1]
     scalars = [value for lo, hi, shape, capacity in plans for value in (lo, hi, shape.rows, capacity)]
     _schedule_kernel[(len(plans),)](
         cu_seqlens, table, n_seqs, total_tokens, stride, *scalars,
@@ -528,9 +548,12 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale, deterministic, validate):
+    # As _forward_triton: out, the float32 lse, and the tile table while the kernels run.
     total_tokens, heads, head_dim = q.shape
-    return (q.new_empty((total_tokens, heads, head_dim)),
-            q.new_empty((heads, total_tokens), dtype=torch.float32))
+    out = q.new_empty((total_tokens, heads, head_dim))
+    lse = q.new_empty((heads, total_tokens), dtype=torch.float32)
+    _fake_table(q, cu_seqlens, max_seqlen, "forward")
+    return out, lse
 
 
 @torch.library.custom_op("fastssl::varlen_attention_bwd", mutates_args=())
@@ -543,7 +566,19 @@ def backward_op(
 
 @backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, deterministic):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    # As _backward_triton: a contiguous copy of a grad_out strided along head_dim, the float32
+    # delta, dK, dV, dQ (or its float32 atomic buffer), the tile table, and the buffer's cast.
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    total_tokens, heads, head_dim = q.shape
+    delta = q.new_empty((heads, total_tokens), dtype=torch.float32)
+    dk = k.new_empty((total_tokens, heads, head_dim))
+    dv = v.new_empty((total_tokens, heads, head_dim))
+    dq = q.new_empty((total_tokens, heads, head_dim), dtype=q.dtype if deterministic else torch.float32)
+    table = _fake_table(q, cu_seqlens, max_seqlen, "backward")
+    dq = dq.to(q.dtype)  # while delta and the table are alive, as in the launcher
+    del delta, table
+    return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output):
