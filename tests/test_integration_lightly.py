@@ -596,6 +596,8 @@ def test_unpatch_restores_lightlys_losses_exactly(tmp_path):
     assert module_classes(module) == module_classes(lightly_losses())
     assert {name: dict(vars(child)) for name, child in module.named_children()} == attributes
     module.load_state_dict(torch.load(tmp_path / "patched.pt"))  # saved patched, loaded unpatched
+    torch.save(module.state_dict(), tmp_path / "unpatched.pt")
+    integration.patch(model=lightly_losses()).load_state_dict(torch.load(tmp_path / "unpatched.pt"))  # and back
     with integration.patch():
         built_patched = lightly_losses()
     integration.unpatch(model=built_patched)  # losses built while patched, too

@@ -4,14 +4,24 @@ In a script that sorts with diffsort, add before the sorter is built::
 
     import fastssl.integrations.diffsort; fastssl.integrations.diffsort.patch()
 
-It replaces ``diffsort.DiffSortNet`` (the package's name, the one in ``diffsort.diffsort``
+or, for a sorter that exists already (or a model holding some),
+``fastssl.integrations.diffsort.patch(model=sorter)``: its class becomes :class:`DiffSortNet`
+below in place, keeping its ``sorting_network`` matrices; ``unpatch(model=sorter)`` makes it
+diffsort's again.
+
+Tested with diffsort 0.2.x (``TESTED_VERSIONS``; on another version patch() still checks
+that ``DiffSortNet`` exists with the constructor and methods fastssl's takes, and raises
+:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed otherwise).
+
+``patch()`` replaces ``diffsort.DiffSortNet`` (the package's name, the one in ``diffsort.diffsort``
 where it is defined, and any ``from diffsort import DiffSortNet`` already made) with
 :class:`DiffSortNet` below: diffsort's constructor, forward, attributes and (empty) state
 dict, computed by :func:`fastssl.ops.soft_sort` (the two-column kernels on every backend
 instead of dense split/combine matrix products). ``unpatch()`` restores diffsort.
 
 What diffsort accepts and fastssl's kernels cannot serve raises ``NotImplementedError`` when
-the sorter is built, naming the option:
+the sorter is built, naming the option (``patch(model=...)`` refuses such a sorter with
+``ValueError``, swapping nothing):
 
 - ``size=1`` (diffsort returns the input unchanged; the kernels sort n >= 2 entries);
 - a tensor ``steepness`` or ``art_lambda`` (diffsort differentiates through them; the kernels

@@ -21,8 +21,24 @@ What ``patch()`` replaces (``unpatch()`` restores it; ``with patch():`` does bot
   (here in plain PyTorch). So ``forward_features_list([globals, locals], [masks, None])``
   with iBOT masks and stochastic depth in training runs on fastssl's kernels.
 
-The PyPI release of DINOv2 (0.0.1.dev2) predates register tokens; what this module patches
-is the same in the current code.
+A model that exists already (``SSLMetaArch``, a backbone, a loss, loaded from a checkpoint
+or not) is patched in place instead: ``patch(model=ssl_meta_arch)`` swaps the class of its
+``DINOLoss``, ``iBOTPatchLoss`` and ``KoLeoLoss`` (a pending asynchronous center update is
+folded in first), of each ``MemEffAttention`` (a subclass whose forward is the one above) and
+of each ``NestedTensorBlock`` (a subclass whose nested path is DINOv2's own code reading the
+mask and helpers above from a namespace of its own, so dinov2.layers.block itself is left
+alone). Parameters, buffers and state-dict keys stay; ``unpatch(model=...)`` restores
+DINOv2's exact classes.
+
+Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
+replaces or builds on and its signature, and raises
+:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed, patching
+nothing):
+
+=========== ===================================================================
+dinov2      0.0.1.dev2 (PyPI, before register tokens); 0.0.1, the current
+            official code (register tokens; the patched names are the same)
+=========== ===================================================================
 """
 
 from __future__ import annotations

@@ -4,6 +4,26 @@ Add one line to an existing lightly training script, before it builds its losses
 
     import fastssl.integrations.lightly; fastssl.integrations.lightly.patch()
 
+or, where the losses exist already (a LightningModule holding them as attributes, a loss
+loaded from a checkpoint)::
+
+    fastssl.integrations.lightly.patch(model=lightning_module)    # its lightly losses become fastssl's
+    fastssl.integrations.lightly.unpatch(model=lightning_module)  # and lightly's again
+
+which swaps the class of each loss in place, keeping its buffers (DINO's center, iBOT's
+``Center``) and attributes; a loss fastssl cannot serve (``KoLeoLoss(p=1)``, an
+``NTXentLoss`` memory bank, a center mode other than ``'mean'``, ...) raises ``ValueError``
+naming it, before anything is swapped.
+
+Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
+replaces and its signature, and raises
+:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed, patching
+nothing):
+
+======== ===============
+lightly  1.5.x, 1.6.x
+======== ===============
+
 After ``patch()``, ``lightly.loss.DINOLoss``, ``SwaVLoss``, ``BarlowTwinsLoss``,
 ``VICRegLoss``, ``IBOTPatchLoss``, ``KoLeoLoss`` (also under their defining submodules, and
 wherever a module imported them by name) and ``lightly.loss.swav_loss.sinkhorn`` are the

@@ -4,6 +4,27 @@ In a script that builds timm ViTs, add before the models are built::
 
     import fastssl.integrations.timm; fastssl.integrations.timm.patch()
 
+or, for a model that exists already (built, loaded from a checkpoint, compiled, wrapped in
+DDP or sharded with ``fully_shard``)::
+
+    fastssl.integrations.timm.patch(model=vit)    # its Attention layers become fastssl's, in place
+    fastssl.integrations.timm.unpatch(model=vit)  # and timm's again
+
+The second form swaps the class of each timm ``Attention`` module of ``vit``: the module
+objects, their parameters and buffers (and so the state-dict keys, devices and an optimizer
+holding them) stay; see :mod:`fastssl.integrations._patching` and the README for the orders
+with torch.compile, DDP and FSDP2 that work. A layer the kernels cannot serve (gated, or with
+``attn_head_dim`` / ``dim_out`` of its own) raises ``ValueError`` naming it, before anything
+is swapped.
+
+Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
+replaces and raises :class:`~fastssl.integrations._patching.UpstreamMismatch` naming what
+changed, patching nothing):
+
+======== ===============
+timm     1.0.x
+======== ===============
+
 Every attention layer timm would build as its ``Attention`` (``timm.layers.Attention``) is then
 :class:`Attention` below: a :class:`fastssl.nn.MultiCropAttention` (fastssl's varlen attention
 kernels; :class:`fastssl.nn.PackedViT` runs such a ViT over all crop resolutions at once) with
@@ -22,7 +43,8 @@ timm finds ``Attention`` in three kinds of places, and patch() replaces it in ea
 - registries mapping names to classes (``ATTN_LAYERS``, where ``attn_layer=''`` or
   ``'attn'`` is looked up): replaced by copies that map those names to :class:`Attention`.
 
-unpatch() restores all of them. Models built before patch() keep timm's layers.
+unpatch() restores all of them. Models built before patch() keep timm's layers: give them
+to ``patch(model=...)``.
 
 timm options the kernels cannot serve raise ``ValueError`` when the layer is built, naming
 them: ``attn_head_dim`` other than ``dim // num_heads``, ``dim_out`` other than ``dim``, and
