@@ -6,6 +6,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import pickle
 from functools import partial
 
 import pytest
@@ -397,6 +398,7 @@ def test_patch_a_built_model_equals_patching_before_the_build(without_xformers):
     crops, masks = crops_and_masks()
     integration.patch(model=model)
     assert dinov2_block.XFORMERS_AVAILABLE is False  # the module stays DINOv2's
+    assert module_types(pickle.loads(pickle.dumps(model))) == module_types(model)  # the swapped classes by name
     folded_center = {name: value.clone() for name, value in model.dino_loss.state_dict().items()}
     built_patched.dino_loss.apply_center_update()  # the swap folded the pending update in as DINOv2 does
     assert torch.equal(folded_center["center"], built_patched.dino_loss.center)

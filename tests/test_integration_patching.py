@@ -12,8 +12,7 @@ import torch
 from distributed import run_distributed
 
 import fastssl
-from fastssl.integrations import _patching
-from fastssl.integrations._patching import UpstreamMismatch
+from fastssl.integrations import UpstreamMismatch, _patching
 
 # integration -> (an upstream module, a name patch() replaces there)
 REPLACED = {"timm": ("timm.layers.attention", "Attention"), "lightly": ("lightly.loss", "DINOLoss"),

@@ -14,8 +14,12 @@ context manager, which install them into the upstream package in place::
 
 Each module lists the upstream versions it was tested with (``TESTED_VERSIONS``); on any
 version ``patch()`` first checks the names it replaces and raises
-:class:`~fastssl.integrations._patching.UpstreamMismatch`, patching nothing, if one changed.
+:class:`UpstreamMismatch`, patching nothing, if one changed.
 
 Importing this package imports no upstream package; each module imports its own when it is
 imported.
 """
+
+from fastssl.integrations._patching import UpstreamMismatch
+
+__all__ = ["UpstreamMismatch"]

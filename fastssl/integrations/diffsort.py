@@ -11,7 +11,7 @@ diffsort's again.
 
 Tested with diffsort 0.2.x (``TESTED_VERSIONS``; on another version patch() still checks
 that ``DiffSortNet`` exists with the constructor and methods fastssl's takes, and raises
-:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed otherwise).
+:class:`~fastssl.integrations.UpstreamMismatch` naming what changed otherwise).
 
 ``patch()`` replaces ``diffsort.DiffSortNet`` (the package's name, the one in ``diffsort.diffsort``
 where it is defined, and any ``from diffsort import DiffSortNet`` already made) with

@@ -32,7 +32,7 @@ DINOv2's exact classes.
 
 Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
 replaces or builds on and its signature, and raises
-:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed, patching
+:class:`~fastssl.integrations.UpstreamMismatch` naming what changed, patching
 nothing):
 
 =========== ===================================================================
@@ -272,6 +272,14 @@ def _attention_class(upstream: type) -> type:
 
 
 _SWAPS: list[Swap] = []
+
+
+def __getattr__(name: str):
+    """``MemEffAttention`` and ``NestedTensorBlock``, the classes patch(model=...) swaps in:
+    built with DINOv2's on first use, and found by name (so a pickled model unpickles)."""
+    if name in ("MemEffAttention", "NestedTensorBlock"):
+        return next(swap.replacement for swap in _swaps() if swap.replacement.__name__ == name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _swaps() -> list[Swap]:

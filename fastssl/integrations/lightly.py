@@ -17,7 +17,7 @@ naming it, before anything is swapped.
 
 Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
 replaces and its signature, and raises
-:class:`~fastssl.integrations._patching.UpstreamMismatch` naming what changed, patching
+:class:`~fastssl.integrations.UpstreamMismatch` naming what changed, patching
 nothing):
 
 ======== ===============

@@ -18,7 +18,7 @@ with torch.compile, DDP and FSDP2 that work. A layer the kernels cannot serve (g
 is swapped.
 
 Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
-replaces and raises :class:`~fastssl.integrations._patching.UpstreamMismatch` naming what
+replaces and raises :class:`~fastssl.integrations.UpstreamMismatch` naming what
 changed, patching nothing):
 
 ======== ===============
