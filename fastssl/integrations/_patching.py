@@ -234,7 +234,8 @@ class Swap:
     ``unservable(module)`` says why the kernels cannot serve this instance (None if they can);
     ``to_replacement`` / ``to_upstream`` move the instance's non-tensor state between the two
     classes' conventions, for classes whose attributes differ (parameters, buffers and
-    submodules are never touched)."""
+    submodules are never touched). They run after every check has passed and must not raise,
+    or a model would be left half swapped."""
 
     upstream: type
     replacement: type

@@ -125,7 +125,7 @@ def _unservable(sorter: nn.Module) -> Optional[str]:
 def _to_fastssl(sorter: nn.Module) -> None:
     # diffsort keeps its matrices in the instance; fastssl's class serves them through a
     # property (built on demand), which would hide the instance attribute.
-    matrices = sorter.__dict__.pop("sorting_network")
+    matrices = sorter.__dict__.pop("sorting_network", None)  # None: built on first access
     sorter._sorting_network = matrices
     sorter._network_device = matrices[0][0].device if matrices and matrices[0] else "cpu"
     sorter.steepness, sorter.art_lambda = float(sorter.steepness), float(sorter.art_lambda)

@@ -223,7 +223,7 @@ def _center_to_fastssl(count_attribute: str):
     def convert(loss: nn.Module) -> None:
         loss.apply_center_update()  # DINOv2's: a pending all-reduce is waited for and folded in
         for name in (*_DINOV2_CENTER_STATE, count_attribute):
-            delattr(loss, name)
+            loss.__dict__.pop(name, None)  # never raises: other modules may have been swapped already
         loss.async_center, loss.group, loss._pending_center = True, None, None
         if count_attribute == "len_teacher_patch_tokens":
             loss.patch_out_dim = loss.center.shape[-1]
@@ -233,9 +233,8 @@ def _center_to_fastssl(count_attribute: str):
 def _center_to_dinov2(count_attribute: str):
     def convert(loss: nn.Module) -> None:
         loss.apply_center_update()  # fastssl's, likewise
-        for name in _FASTSSL_CENTER_STATE:
-            delattr(loss, name)
-        loss.__dict__.pop("patch_out_dim", None)
+        for name in (*_FASTSSL_CENTER_STATE, "patch_out_dim"):
+            loss.__dict__.pop(name, None)
         loss.updated, loss.reduce_handle, loss.async_batch_center = True, None, None
         setattr(loss, count_attribute, None)
     return convert
