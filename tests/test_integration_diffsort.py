@@ -144,3 +144,54 @@ def test_unsupported_options_raise_clearly(arguments, error, message):
     arguments = dict(dict(sorting_network_type="bitonic", size=4), **arguments)
     with pytest.raises(error, match=message):
         diffsort_integration.DiffSortNet(**arguments)
+
+
+# ----------------------------------------------------------------------------- sorters built before patching
+
+
+class Ranker(torch.nn.Module):
+    """A model holding a diffsort sorter, as a training script builds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Linear(3, 1)
+        self.sorter = UPSTREAM["DiffSortNet"]("odd_even", 6, steepness=2.0, distribution="logistic")
+
+    def forward(self, items):
+        return self.sorter(self.score(items).squeeze(-1))
+
+
+def test_patch_a_built_sorter_in_place_equals_patching_before_the_build():
+    model = Ranker()
+    sorter, matrices, keys = model.sorter, model.sorter.sorting_network, list(model.state_dict())
+    assert diffsort_integration.patch(model=model) is model
+    assert model.sorter is sorter and type(sorter) is diffsort_integration.DiffSortNet
+    assert sorter.sorting_network is matrices and list(model.state_dict()) == keys
+    with diffsort_integration.patch():
+        built_patched = diffsort.DiffSortNet("odd_even", 6, steepness=2.0, distribution="logistic")
+    items = torch.randn(4, 6, 3)
+    with fastssl.use_backend("reference"):
+        for ours, theirs in zip(model(items), built_patched(model.score(items).squeeze(-1))):
+            assert torch.equal(ours, theirs)
+
+
+def test_unpatch_a_model_restores_diffsorts_sorter_exactly(tmp_path):
+    model = Ranker()
+    attributes = dict(vars(model.sorter))
+    torch.save(diffsort_integration.patch(model=model).state_dict(), tmp_path / "patched.pt")
+    diffsort_integration.unpatch(model=model)
+    assert type(model.sorter) is UPSTREAM["DiffSortNet"] and vars(model.sorter) == attributes
+    model.load_state_dict(torch.load(tmp_path / "patched.pt"))  # saved patched, loaded unpatched
+    with diffsort_integration.patch():
+        built_patched = diffsort.DiffSortNet("bitonic", 4)
+    diffsort_integration.unpatch(model=built_patched)  # a sorter built while patched, too
+    assert type(built_patched) is UPSTREAM["DiffSortNet"] and len(built_patched.sorting_network) == 3
+    assert diffsort.DiffSortNet is UPSTREAM["DiffSortNet"]  # patching a model leaves diffsort's names alone
+
+
+def test_patching_a_sorter_the_kernels_cannot_serve_changes_nothing():
+    model = Ranker()
+    model.sorter.steepness = torch.tensor(2.0)
+    with pytest.raises(ValueError, match="sorter \\(DiffSortNet\\): a tensor steepness is not supported"):
+        diffsort_integration.patch(model=model)
+    assert type(model.sorter) is UPSTREAM["DiffSortNet"] and "sorting_network" in vars(model.sorter)

@@ -2,8 +2,11 @@
 without xformers): its losses, its ViT's multi-crop forward_features_list after patch(), and
 patch/unpatch."""
 
+import contextlib
 import copy
 import importlib
+import importlib.util
+import pickle
 from functools import partial
 
 import pytest
@@ -297,3 +300,119 @@ def test_bad_input(without_xformers):
                                                                num_heads=1, dynamic_img_size=True)
         PackedViT(vit)([torch.randn(1, 3, 32, 32)], [torch.ones(1, 16, dtype=torch.bool)])
 
+
+
+# ----------------------------------------------------------------------------- models built before patching
+
+
+@pytest.fixture
+def ssl_meta_arch(monkeypatch):
+    """DINOv2's SSLMetaArch with a tiny backbone. Its module imports fvcore's checkpointers
+    (through dinov2.train and dinov2.fsdp), unused by the model: stand-ins let it import
+    without fvcore installed."""
+    import os
+    import sys
+    import types
+
+    import dinov2
+    from dinov2.models import vision_transformer as vits
+
+    if importlib.util.find_spec("fvcore") is None:
+        checkpoint = types.ModuleType("fvcore.common.checkpoint")
+        checkpoint.Checkpointer = checkpoint.PeriodicCheckpointer = object
+        for name in ("fvcore", "fvcore.common"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, checkpoint.__name__, checkpoint)
+    train = types.ModuleType("dinov2.train")  # its __init__ imports the training script
+    train.__path__ = [os.path.join(os.path.dirname(dinov2.__file__), "train")]
+    monkeypatch.setitem(sys.modules, "dinov2.train", train)
+    monkeypatch.setattr(vits, "vit_small", lambda **kwargs: tiny_dinov2(**dict(kwargs, init_values=1e-5)))
+    omegaconf = pytest.importorskip("omegaconf")
+    from dinov2.configs import dinov2_default_config
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    monkeypatch.delitem(sys.modules, "dinov2.train.ssl_meta_arch")
+    cfg = omegaconf.OmegaConf.merge(dinov2_default_config, dict(
+        student=dict(arch="vit_small", patch_size=8, block_chunks=2), crops=dict(global_crops_size=32),
+        compute_precision=dict(grad_scaler=False),
+        dino=dict(head_n_prototypes=K, head_hidden_dim=32, head_bottleneck_dim=16, koleo_loss_weight=0.1)))
+    return SSLMetaArch(cfg)
+
+
+Identity = torch.nn.Identity  # BlockChunk pads chunks with it
+
+
+def module_types(model):
+    return {name: type(module) for name, module in model.named_modules()}
+
+
+def test_patch_a_built_ssl_meta_arch_in_place_and_unpatch_it(ssl_meta_arch, tmp_path):
+    model = ssl_meta_arch
+    types_before, keys = module_types(model), list(model.state_dict())
+    attributes = {name: dict(vars(module)) for name, module in model.named_modules()}
+    tensors = [*model.parameters(), *model.buffers()]
+    assert integration.patch(model=model) is model
+    assert type(model.dino_loss) is integration.DINOLoss and type(model.ibot_patch_loss) is integration.iBOTPatchLoss
+    assert type(model.koleo_loss) is integration.KoLeoLoss
+    for backbone in (model.student.backbone, model.teacher.backbone):
+        for block in (block for chunk in backbone.blocks for block in chunk if not isinstance(block, Identity)):
+            assert isinstance(block, dinov2_block.NestedTensorBlock) and type(block).__module__ == integration.__name__
+            assert isinstance(block.attn, dinov2_attention.MemEffAttention)  # as DINOv2 asserts
+            assert type(block.attn).forward is integration.memory_efficient_attention_forward
+    assert all(a is b for a, b in zip([*model.parameters(), *model.buffers()], tensors))
+    assert list(model.state_dict()) == keys
+    torch.save(model.state_dict(), tmp_path / "patched.pt")
+    assert integration.unpatch(model=model) is model
+    assert module_types(model) == types_before
+    assert {name: dict(vars(module)) for name, module in model.named_modules()} == attributes
+    model.load_state_dict(torch.load(tmp_path / "patched.pt"))  # saved patched, loaded unpatched
+    integration.patch(model=model).load_state_dict(torch.load(tmp_path / "patched.pt"))  # and back
+    assert dinov2_loss.DINOLoss is UPSTREAM["DINOLoss"]  # patching a model leaves DINOv2's names alone
+
+
+class Losses(torch.nn.Module):
+    """A backbone and DINOv2's losses, as SSLMetaArch holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = tiny_dinov2(drop_path_rate=0.5, block_chunks=0)
+        self.dino_loss, self.ibot_patch_loss = dinov2_loss.DINOLoss(K), dinov2_loss.iBOTPatchLoss(K)
+        self.head = torch.nn.Linear(128, K)
+
+    def step(self, crops, masks):
+        outputs = self.backbone.forward_features_list(crops, masks)
+        cls = self.head(outputs[0]["x_norm_clstoken"])
+        patches = self.head(outputs[0]["x_norm_patchtokens"])
+        teacher = self.dino_loss.softmax_center_teacher(cls.detach(), 0.07)
+        self.dino_loss.update_center(cls.detach())
+        patch_teacher = self.ibot_patch_loss.softmax_center_teacher(patches.detach(), 0.07)
+        self.ibot_patch_loss.update_center(patches.detach())
+        return self.dino_loss([cls], [teacher]) + self.ibot_patch_loss(patches, patch_teacher, masks[0])
+
+
+def test_patch_a_built_model_equals_patching_before_the_build(without_xformers):
+    torch.manual_seed(1)
+    model = Losses().train()
+    model.dino_loss.reduce_center_update(torch.randn(4, K))  # a center update pending when patching
+    built_patched = copy.deepcopy(model)
+    crops, masks = crops_and_masks()
+    integration.patch(model=model)
+    assert dinov2_block.XFORMERS_AVAILABLE is False  # the module stays DINOv2's
+    assert module_types(pickle.loads(pickle.dumps(model))) == module_types(model)  # the swapped classes by name
+    folded_center = {name: value.clone() for name, value in model.dino_loss.state_dict().items()}
+    built_patched.dino_loss.apply_center_update()  # the swap folded the pending update in as DINOv2 does
+    assert torch.equal(folded_center["center"], built_patched.dino_loss.center)
+    results = []
+    for run_model, patching in ((model, contextlib.nullcontext()), (built_patched, integration.patch())):
+        torch.manual_seed(2)  # the same stochastic depth draws
+        with patching, fastssl.use_backend("reference"):
+            if run_model is built_patched:  # losses as patch() before the build makes them
+                run_model.dino_loss = integration.DINOLoss(K)
+                run_model.dino_loss.load_state_dict(folded_center)
+                run_model.ibot_patch_loss = integration.iBOTPatchLoss(K)
+            losses = [run_model.step(crops, masks) for _ in range(2)]
+            losses[-1].backward()
+        results.append((losses, run_model.backbone.blocks[0].attn.qkv.weight.grad, run_model.dino_loss.center))
+    for ours, theirs in zip(results[0], results[1]):
+        for a, b in zip(ours if isinstance(ours, list) else [ours], theirs if isinstance(theirs, list) else [theirs]):
+            assert torch.equal(a, b)

@@ -535,3 +535,80 @@ def test_gather_distributed_semantics_on_two_processes():
                     torch.randn(2 * B, K, dtype=torch.float64), torch.randn(2 * B, K, dtype=torch.float64),
                     teacher, student)
 
+
+
+# ----------------------------------------------------------------------------- losses built before patching
+
+
+def lightly_losses():
+    """A LightningModule holding one of each lightly loss as attributes, as lightly's examples do."""
+    pl = pytest.importorskip("pytorch_lightning")
+    module = pl.LightningModule()
+    module.projection = torch.nn.Linear(K, K)
+    for name in DEFINING_MODULES:
+        setattr(module, name.lower(), getattr(lightly_loss, name)(**dict(DINOLoss=DINO_ARGS, IBOTPatchLoss=IBOT_ARGS)
+                                                                  .get(name, {})))
+    module.ntxentloss = lightly_loss.NTXentLoss(temperature=0.2)
+    return module
+
+
+def module_classes(module):
+    return {name: type(child) for name, child in module.named_children()}
+
+
+def test_patch_built_losses_in_place_equals_patching_before_the_build():
+    module = lightly_losses()
+    losses = dict(module.named_children())
+    tensors, keys = [*module.parameters(), *module.buffers()], list(module.state_dict())
+    with integration.patch():
+        built_patched = lightly_losses()
+    assert integration.patch(model=module) is module
+    assert module_classes(module) == module_classes(built_patched)
+    assert dict(module.named_children()) == losses  # the same loss objects, swapped in place
+    assert all(a is b for a, b in zip([*module.parameters(), *module.buffers()], tensors))
+    assert list(module.state_dict()) == keys
+    built_patched.load_state_dict(module.state_dict())
+    teacher, student = torch.randn(2, B, K), torch.randn(3, B, K)
+    mask = torch.zeros(B, 2, 2, dtype=torch.bool)
+    mask[:, 0, 0] = True
+    with fastssl.use_backend("reference"):
+        for losses_of in (module, built_patched):  # each step moves the centers: compare after two
+            for _ in range(2):
+                values = [losses_of.dinoloss(list(teacher), list(student), epoch=1),
+                          losses_of.ibotpatchloss(teacher[0], student[0], mask),
+                          losses_of.swavloss(list(student[:2]), list(student[2:])),
+                          losses_of.barlowtwinsloss(student[0], student[1]),
+                          losses_of.vicregloss(student[0], student[1]), losses_of.koleoloss(student[0]),
+                          losses_of.ntxentloss(student[0], student[1])]
+            losses_of.values = values
+    for ours, theirs in zip(module.values, built_patched.values):
+        assert torch.equal(ours, theirs)
+    for name, value in built_patched.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+
+
+def test_unpatch_restores_lightlys_losses_exactly(tmp_path):
+    module = lightly_losses()
+    attributes = {name: dict(vars(child)) for name, child in module.named_children()}
+    integration.patch(model=module)
+    torch.save(module.state_dict(), tmp_path / "patched.pt")
+    assert integration.unpatch(model=module) is module
+    assert module_classes(module) == module_classes(lightly_losses())
+    assert {name: dict(vars(child)) for name, child in module.named_children()} == attributes
+    module.load_state_dict(torch.load(tmp_path / "patched.pt"))  # saved patched, loaded unpatched
+    torch.save(module.state_dict(), tmp_path / "unpatched.pt")
+    integration.patch(model=lightly_losses()).load_state_dict(torch.load(tmp_path / "unpatched.pt"))  # and back
+    with integration.patch():
+        built_patched = lightly_losses()
+    integration.unpatch(model=built_patched)  # losses built while patched, too
+    assert module_classes(built_patched) == module_classes(module)
+    assert lightly_loss.DINOLoss is UPSTREAM["DINOLoss"]  # patching a model leaves lightly's names alone
+
+
+def test_patching_a_loss_fastssl_cannot_serve_changes_nothing():
+    module = lightly_losses()
+    module.koleoloss = lightly_loss.KoLeoLoss(p=1)
+    classes = module_classes(module)
+    with pytest.raises(ValueError, match="koleoloss \\(KoLeoLoss\\): p=1"):
+        integration.patch(model=module)
+    assert module_classes(module) == classes

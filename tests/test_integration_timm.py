@@ -175,3 +175,65 @@ def test_attention_keeps_timms_constructor_and_attributes(arguments):
 def test_unsupported_options_raise_clearly(arguments, error, message):
     with pytest.raises(error, match=message):
         timm_integration.Attention(64, num_heads=2, **arguments)
+
+
+# ----------------------------------------------------------------------------- models built before patching
+
+
+def parameters_and_buffers(module):
+    return [*module.parameters(), *module.buffers()]
+
+
+def test_patch_a_built_model_in_place_equals_patching_before_the_build():
+    vit = tiny_vit().eval()
+    tensors, keys = parameters_and_buffers(vit), list(vit.state_dict())
+    optimizer = torch.optim.SGD(vit.parameters(), lr=0.1)
+    assert timm_integration.patch(model=vit) is vit
+    assert_fastssls_attention(vit)
+    assert all(a is b for a, b in zip(parameters_and_buffers(vit), tensors))  # the same tensors, not copies
+    assert list(vit.state_dict()) == keys
+    with timm_integration.patch():
+        built_patched = tiny_vit().eval()
+    built_patched.load_state_dict(vit.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with fastssl.use_backend("reference"):
+        assert torch.equal(vit(images), built_patched(images))
+        vit(images).square().sum().backward()
+    weight = vit.blocks[0].attn.qkv.weight
+    before = weight.detach().clone()
+    optimizer.step()  # the optimizer built before patching trains the patched model's weights
+    assert vit.blocks[0].attn.qkv.weight is weight and not torch.equal(weight, before)
+
+
+def test_unpatch_a_model_restores_timms_layers_exactly():
+    vit = tiny_vit().eval()
+    attributes = [dict(vars(attn)) for attn in attention_layers(vit)]
+    timm_integration.unpatch(model=timm_integration.patch(model=vit))
+    assert_timms_attention(vit)
+    assert [dict(vars(attn)) for attn in attention_layers(vit)] == attributes
+    with timm_integration.patch():
+        built_patched = tiny_vit()
+    timm_integration.unpatch(model=built_patched)  # a model built while patched, too
+    assert_timms_attention(built_patched)
+    timm_integration.patch(model=tiny_vit())
+    assert timm.layers.Attention is UPSTREAM["Attention"]  # patching a model leaves timm's names alone
+
+
+def test_checkpoint_saved_patched_loads_unpatched_and_back(tmp_path):
+    vit = timm_integration.patch(model=tiny_vit())
+    torch.save(vit.state_dict(), tmp_path / "patched.pt")
+    unpatched = tiny_vit()
+    unpatched.load_state_dict(torch.load(tmp_path / "patched.pt"))
+    torch.save(unpatched.state_dict(), tmp_path / "unpatched.pt")
+    patched_again = timm_integration.patch(model=tiny_vit())
+    patched_again.load_state_dict(torch.load(tmp_path / "unpatched.pt"))
+    for name, value in vit.state_dict().items():
+        assert torch.equal(patched_again.state_dict()[name], value), name
+
+
+def test_patching_a_model_the_kernels_cannot_serve_changes_nothing():
+    vit = tiny_vit()
+    vit.blocks[1].attn = UPSTREAM["Attention"](128, num_heads=2, attn_head_dim=32)
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn \(Attention\): its heads \(2 x 32\)"):
+        timm_integration.patch(model=vit)
+    assert_timms_attention(vit)  # block 0 was not swapped either

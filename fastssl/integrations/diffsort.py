@@ -4,14 +4,24 @@ In a script that sorts with diffsort, add before the sorter is built::
 
     import fastssl.integrations.diffsort; fastssl.integrations.diffsort.patch()
 
-It replaces ``diffsort.DiffSortNet`` (the package's name, the one in ``diffsort.diffsort``
+or, for a sorter that exists already (or a model holding some),
+``fastssl.integrations.diffsort.patch(model=sorter)``: its class becomes :class:`DiffSortNet`
+below in place, keeping its ``sorting_network`` matrices; ``unpatch(model=sorter)`` makes it
+diffsort's again.
+
+Tested with diffsort 0.2.x (``TESTED_VERSIONS``; on another version patch() still checks
+that ``DiffSortNet`` exists with the constructor and methods fastssl's takes, and raises
+:class:`~fastssl.integrations.UpstreamMismatch` naming what changed otherwise).
+
+``patch()`` replaces ``diffsort.DiffSortNet`` (the package's name, the one in ``diffsort.diffsort``
 where it is defined, and any ``from diffsort import DiffSortNet`` already made) with
 :class:`DiffSortNet` below: diffsort's constructor, forward, attributes and (empty) state
 dict, computed by :func:`fastssl.ops.soft_sort` (the two-column kernels on every backend
 instead of dense split/combine matrix products). ``unpatch()`` restores diffsort.
 
 What diffsort accepts and fastssl's kernels cannot serve raises ``NotImplementedError`` when
-the sorter is built, naming the option:
+the sorter is built, naming the option (``patch(model=...)`` refuses such a sorter with
+``ValueError``, swapping nothing):
 
 - ``size=1`` (diffsort returns the input unchanged; the kernels sort n >= 2 entries);
 - a tensor ``steepness`` or ``art_lambda`` (diffsort differentiates through them; the kernels
@@ -29,14 +39,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import diffsort.diffsort
 import torch
 from diffsort.networks import get_sorting_network
+from torch import nn
 
-from fastssl.integrations._patching import Patch
+from fastssl.integrations._patching import Patch, Swap, Upstream, swap_modules
 from fastssl.nn.diffsort import DiffSortNet as _FastDiffSortNet
 from fastssl.reference.diffsort import DISTRIBUTIONS, NETWORKS
 
-__all__ = ["DiffSortNet", "patch", "unpatch"]
+__all__ = ["DiffSortNet", "TESTED_VERSIONS", "patch", "unpatch"]
+
+TESTED_VERSIONS = ("0.2.*",)
 
 
 class DiffSortNet(_FastDiffSortNet):
@@ -96,15 +110,50 @@ def _raise_if_unsupported(network, size, steepness, art_lambda, distribution) ->
                                       "is not learned")
 
 
-_PATCH = Patch({"diffsort.diffsort": {"DiffSortNet": DiffSortNet}})
+_PATCH = Patch({"diffsort.diffsort": {"DiffSortNet": DiffSortNet}}, Upstream("diffsort", TESTED_VERSIONS))
 
 
-def patch() -> Patch:
-    """Make ``diffsort.DiffSortNet`` fastssl's; returns the Patch (a context manager that unpatches)."""
-    return _PATCH.patch()
+def _unservable(sorter: nn.Module) -> Optional[str]:
+    try:
+        _raise_if_unsupported(sorter.sorting_network_type, sorter.size, sorter.steepness, sorter.art_lambda,
+                              sorter.distribution)
+    except NotImplementedError as error:
+        return str(error)
+    return None
 
 
-def unpatch() -> None:
-    """Restore diffsort's ``DiffSortNet`` everywhere patch() replaced it."""
-    _PATCH.unpatch()
+def _to_fastssl(sorter: nn.Module) -> None:
+    # diffsort keeps its matrices in the instance; fastssl's class serves them through a
+    # property (built on demand), which would hide the instance attribute.
+    matrices = sorter.__dict__.pop("sorting_network", None)  # None: built on first access
+    sorter._sorting_network = matrices
+    sorter._network_device = matrices[0][0].device if matrices and matrices[0] else "cpu"
+    sorter.steepness, sorter.art_lambda = float(sorter.steepness), float(sorter.art_lambda)
 
+
+def _to_diffsort(sorter: nn.Module) -> None:
+    sorter.__dict__["sorting_network"] = sorter.sorting_network  # built now if it never was
+    del sorter._sorting_network, sorter._network_device
+
+
+# getattr: a diffsort without the class fails patch()'s check, with the message, not this import.
+_SWAPS = [Swap(getattr(diffsort.diffsort, "DiffSortNet", None), DiffSortNet, _unservable, _to_fastssl, _to_diffsort)]
+
+
+def patch(model: Optional[nn.Module] = None):
+    """Without ``model``: make ``diffsort.DiffSortNet`` fastssl's; returns the Patch (a context
+    manager that unpatches). With ``model`` (a built ``DiffSortNet`` or a module holding some):
+    turn its diffsort sorters into fastssl's in place; returns ``model``."""
+    if model is None:
+        return _PATCH.patch()
+    _PATCH.check()
+    return swap_modules(model, _SWAPS)
+
+
+def unpatch(model: Optional[nn.Module] = None):
+    """Without ``model``: restore diffsort's ``DiffSortNet`` everywhere patch() replaced it.
+    With ``model``: turn its fastssl sorters back into diffsort's, in place; returns ``model``."""
+    if model is None:
+        _PATCH.unpatch()
+        return None
+    return swap_modules(model, _SWAPS, to_fastssl=False)

@@ -4,6 +4,26 @@ Add one line to an existing lightly training script, before it builds its losses
 
     import fastssl.integrations.lightly; fastssl.integrations.lightly.patch()
 
+or, where the losses exist already (a LightningModule holding them as attributes, a loss
+loaded from a checkpoint)::
+
+    fastssl.integrations.lightly.patch(model=lightning_module)    # its lightly losses become fastssl's
+    fastssl.integrations.lightly.unpatch(model=lightning_module)  # and lightly's again
+
+which swaps the class of each loss in place, keeping its buffers (DINO's center, iBOT's
+``Center``) and attributes; a loss fastssl cannot serve (``KoLeoLoss(p=1)``, an
+``NTXentLoss`` memory bank, a center mode other than ``'mean'``, ...) raises ``ValueError``
+naming it, before anything is swapped.
+
+Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
+replaces and its signature, and raises
+:class:`~fastssl.integrations.UpstreamMismatch` naming what changed, patching
+nothing):
+
+======== ===============
+lightly  1.5.x, 1.6.x
+======== ===============
+
 After ``patch()``, ``lightly.loss.DINOLoss``, ``SwaVLoss``, ``BarlowTwinsLoss``,
 ``VICRegLoss``, ``IBOTPatchLoss``, ``KoLeoLoss`` (also under their defining submodules, and
 wherever a module imported them by name) and ``lightly.loss.swav_loss.sinkhorn`` are the
@@ -26,6 +46,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import lightly.loss as lightly_loss
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -37,13 +58,15 @@ from torch.nn import PairwiseDistance
 import fastssl.nn
 from fastssl._checks import check_float_tensor, check_positive_float, check_positive_int
 from fastssl.distributed import process_group_for
-from fastssl.integrations._patching import Patch
+from fastssl.integrations._patching import Patch, Swap, Upstream, swap_modules
 from fastssl.ops import barlow_twins_loss, dino_cross_entropy, info_nce, sinkhorn_knopp, vicreg_loss
 from fastssl.ops.vicreg import VARIANCE_EPS
 
 BATCH_NORM_EPS = 1e-5  # F.batch_norm's default, which lightly's BarlowTwinsLoss standardizes with
 
 Views = Union[Sequence[Tensor], Tensor]
+
+TESTED_VERSIONS = ("1.5.*", "1.6.*")
 
 
 # ----------------------------------------------------------------------------- shared glue
@@ -558,15 +581,50 @@ _PATCH = Patch({
     "lightly.loss.ibot_loss": {"IBOTPatchLoss": IBOTPatchLoss},
     "lightly.loss.koleo_loss": {"KoLeoLoss": KoLeoLoss},
     "lightly.loss.ntx_ent_loss": {"NTXentLoss": NTXentLoss},
-})
+}, Upstream("lightly", TESTED_VERSIONS))
+# lightly's classes as imported, before anything is patched (a missing one fails patch()'s check).
+_LIGHTLY = {name: getattr(lightly_loss, name, None) for name in _REPLACEMENTS}
 
 
-def patch() -> Patch:
-    """Install the replacements into lightly (see the module docstring); returns the
-    :class:`~fastssl.integrations._patching.Patch`, a context manager that unpatches on exit."""
-    return _PATCH.patch()
+def _unservable(loss: nn.Module) -> Optional[str]:
+    """What fastssl's constructors refuse, read off a loss lightly built (None if served)."""
+    center_function = getattr(loss, "_center_fn", None) or getattr(getattr(loss, "center", None), "_center_fn", None)
+    if center_function is not None and center_function is not CENTER_MODE_TO_FUNCTION["mean"]:
+        return "its center mode is not 'mean', the only one fastssl's losses compute"
+    if type(loss) is _LIGHTLY["KoLeoLoss"] and loss.p != 2:
+        return f"p={loss.p}: fastssl's KoLeoLoss measures Euclidean distances (p=2)"
+    if type(loss) is _LIGHTLY["VICRegLoss"] and loss.eps != VARIANCE_EPS:
+        return f"eps={loss.eps}: fastssl's VICReg loss uses eps={VARIANCE_EPS}"
+    if type(loss) is _LIGHTLY["NTXentLoss"] and any(loss.memory_bank.size):
+        return f"it has a memory bank (size {loss.memory_bank.size}), which fastssl's fused loss does not serve"
+    for name in ("temperature", "sinkhorn_epsilon"):  # fastssl's SwaV and NT-Xent take positive ones only
+        if isinstance(getattr(loss, name, None), (int, float)) and getattr(loss, name) <= 0:
+            return f"{name}={getattr(loss, name)} is not positive"
+    return None
 
 
-def unpatch() -> None:
-    """Restore lightly's classes and function."""
-    _PATCH.unpatch()
+def _swaps() -> list[Swap]:
+    # lightly's classes and fastssl's keep the same attributes, so the class is all that changes.
+    return [Swap(_LIGHTLY[name], replacement, _unservable) for name, replacement in _REPLACEMENTS.items()]
+
+
+def patch(model: Optional[nn.Module] = None):
+    """Without ``model``: install the replacements into lightly (see the module docstring);
+    returns the :class:`~fastssl.integrations._patching.Patch`, a context manager that
+    unpatches on exit. With ``model`` (a lightly loss, or a module such as a LightningModule
+    holding some as attributes): turn its lightly losses into fastssl's in place, keeping their
+    buffers and state; returns ``model``."""
+    if model is None:
+        return _PATCH.patch()
+    _PATCH.check()
+    return swap_modules(model, _swaps())
+
+
+def unpatch(model: Optional[nn.Module] = None):
+    """Without ``model``: restore lightly's classes and function. With ``model``: turn its
+    fastssl losses (swapped or built while patched) back into lightly's, in place; returns
+    ``model``."""
+    if model is None:
+        _PATCH.unpatch()
+        return None
+    return swap_modules(model, _swaps(), to_fastssl=False)

@@ -4,6 +4,27 @@ In a script that builds timm ViTs, add before the models are built::
 
     import fastssl.integrations.timm; fastssl.integrations.timm.patch()
 
+or, for a model that exists already (built, loaded from a checkpoint, compiled, wrapped in
+DDP or sharded with ``fully_shard``)::
+
+    fastssl.integrations.timm.patch(model=vit)    # its Attention layers become fastssl's, in place
+    fastssl.integrations.timm.unpatch(model=vit)  # and timm's again
+
+The second form swaps the class of each timm ``Attention`` module of ``vit``: the module
+objects, their parameters and buffers (and so the state-dict keys, devices and an optimizer
+holding them) stay; see :mod:`fastssl.integrations._patching` and the README for the orders
+with torch.compile, DDP and FSDP2 that work. A layer the kernels cannot serve (gated, or with
+``attn_head_dim`` / ``dim_out`` of its own) raises ``ValueError`` naming it, before anything
+is swapped.
+
+Tested with (``TESTED_VERSIONS``; on another version patch() still checks every name it
+replaces and raises :class:`~fastssl.integrations.UpstreamMismatch` naming what
+changed, patching nothing):
+
+======== ===============
+timm     1.0.x
+======== ===============
+
 Every attention layer timm would build as its ``Attention`` (``timm.layers.Attention``) is then
 :class:`Attention` below: a :class:`fastssl.nn.MultiCropAttention` (fastssl's varlen attention
 kernels; :class:`fastssl.nn.PackedViT` runs such a ViT over all crop resolutions at once) with
@@ -22,7 +43,8 @@ timm finds ``Attention`` in three kinds of places, and patch() replaces it in ea
 - registries mapping names to classes (``ATTN_LAYERS``, where ``attn_layer=''`` or
   ``'attn'`` is looked up): replaced by copies that map those names to :class:`Attention`.
 
-unpatch() restores all of them. Models built before patch() keep timm's layers.
+unpatch() restores all of them. Models built before patch() keep timm's layers: give them
+to ``patch(model=...)``.
 
 timm options the kernels cannot serve raise ``ValueError`` when the layer is built, naming
 them: ``attn_head_dim`` other than ``dim // num_heads``, ``dim_out`` other than ``dim``, and
@@ -39,16 +61,19 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import timm.models  # noqa: F401  (every model module, so that patch() finds their defaults)
 from timm.layers import attention as timm_attention
 from timm.layers.config import use_fused_attn
+from torch import nn
 
-from fastssl.integrations._patching import Patch
+from fastssl.integrations._patching import Patch, Swap, Upstream, swap_modules
 from fastssl.nn.attention import MultiCropAttention
 
-__all__ = ["Attention", "patch", "unpatch"]
+__all__ = ["Attention", "TESTED_VERSIONS", "patch", "unpatch"]
+
+TESTED_VERSIONS = ("1.0.*",)
 
 _TIMM_ATTENTION = timm_attention.Attention
 _TIMM_SIGNATURE = inspect.signature(_TIMM_ATTENTION)
@@ -160,14 +185,49 @@ def _replacements() -> dict[str, dict[str, Any]]:
                 replacements[path] = defaults
     return replacements
 
-_PATCH = Patch(_replacements())
+_PATCH = Patch(_replacements(), Upstream("timm", TESTED_VERSIONS))
 
 
-def patch() -> Patch:
-    """Make timm build fastssl's :class:`Attention`; returns the Patch (a context manager that unpatches)."""
-    return _PATCH.patch()
+def _unservable(attention: nn.Module) -> Optional[str]:
+    """Why fastssl's Attention cannot take over this built timm Attention (None if it can):
+    the options :func:`_unsupported_options` refuses at construction, read off the instance."""
+    dim = attention.qkv.in_features
+    if getattr(attention, "gate", None) is not None:
+        return "it is gated"
+    if attention.num_heads * attention.head_dim != dim:
+        return f"its heads ({attention.num_heads} x {attention.head_dim}) do not split dim={dim} evenly"
+    if attention.proj.out_features != dim:
+        return f"its output has {attention.proj.out_features} channels, not dim={dim}"
+    return None
 
 
-def unpatch() -> None:
-    """Restore timm's ``Attention`` everywhere patch() replaced it."""
-    _PATCH.unpatch()
+def _add_attributes_of_newer_timm(attention: nn.Module) -> None:
+    # timm releases before 1.0.20 did not set these; fastssl's Attention reads them.
+    for name, value in (("attn_dim", attention.num_heads * attention.head_dim), ("gate", None),
+                        ("fused_attn", use_fused_attn())):
+        if not hasattr(attention, name):
+            setattr(attention, name, value)
+
+
+_SWAPS = [Swap(_TIMM_ATTENTION, Attention, _unservable, _add_attributes_of_newer_timm)]
+
+
+def patch(model: Optional[nn.Module] = None):
+    """Without ``model``: make timm build fastssl's :class:`Attention`; returns the Patch (a
+    context manager that unpatches). With ``model`` (built already, compiled, DDP-wrapped or
+    sharded): turn its timm ``Attention`` layers into fastssl's in place, keeping their
+    parameters; returns ``model``."""
+    if model is None:
+        return _PATCH.patch()
+    _PATCH.check()
+    return swap_modules(model, _SWAPS)
+
+
+def unpatch(model: Optional[nn.Module] = None):
+    """Without ``model``: restore timm's ``Attention`` everywhere patch() replaced it. With
+    ``model``: turn its fastssl Attention layers (swapped or built while patched) back into
+    timm's, in place; returns ``model``."""
+    if model is None:
+        _PATCH.unpatch()
+        return None
+    return swap_modules(model, _SWAPS, to_fastssl=False)
