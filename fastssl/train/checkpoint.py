@@ -119,6 +119,12 @@ def _unpickling_reason(error: Exception) -> str:
     return found.group(1).strip() if found else (str(error).splitlines() or [""])[0]
 
 
+def _first_sentence(message: str) -> str:
+    """The fault without the advice that follows it (torch's reader adds several sentences)."""
+    line = (message.splitlines() or [""])[0]
+    return re.split(r"(?<=\.) ", line, maxsplit=1)[0].rstrip(".")
+
+
 def load_checkpoint(path: str) -> Optional[dict]:
     """The checkpoint at ``path`` (None if there is no file), loaded with weights_only=True.
     Raises CheckpointError if unpickling it would call a function or class: a fastssl
@@ -155,7 +161,7 @@ def load_newest_readable(path: str) -> tuple[Optional[dict], Optional[str], list
         except CheckpointError:
             raise
         except Exception as error:  # a damaged file: say which and why, try the older one
-            skipped.append(f"{candidate}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            skipped.append(f"{candidate}: {type(error).__name__}: {_first_sentence(str(error))}")
     if skipped:
         raise CheckpointError("no readable checkpoint to resume from (" + "; ".join(skipped)
                               + "); remove the damaged files or pass --resume off")
