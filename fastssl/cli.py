@@ -103,6 +103,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from fastssl.train import resolve_config, train
+    from fastssl.train.checkpoint import CheckpointError
 
     overrides = {key: value for key, value in vars(args).items() if key not in ("command", "method", "preset")}
     try:
@@ -110,7 +111,11 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"fastssl train: error: {error}", file=sys.stderr)
         return 2
-    result = train(config)
+    try:
+        result = train(config)
+    except CheckpointError as error:  # none to resume from, or one that would run code: one line
+        print(f"fastssl train: error: {error}", file=sys.stderr)
+        return 2
     if result.losses:
         print(f"trained steps {result.first_step}..{result.last_step} in {result.seconds:.0f} s: "
               f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

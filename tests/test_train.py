@@ -7,6 +7,7 @@ two minutes on a CPU; the trainers pick the reference backend there, never the i
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from accuracy import assert_close
@@ -14,7 +15,14 @@ from distributed import run_distributed
 
 from fastssl.cli import main
 from fastssl.train import resolve_config, train
-from fastssl.train.checkpoint import atomic_save, load_checkpoint
+from fastssl.train.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_newest_readable,
+    rng_state,
+    set_rng_state,
+)
 from fastssl.train.config import validate
 from fastssl.train.data import ShapesDataset, rank_batches
 from fastssl.train.knn import weighted_knn_predict
@@ -204,6 +212,66 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
     (tmp_path / "dino" / "checkpoint.pt").write_bytes(b"nor this")
     with pytest.raises(ValueError, match="no readable checkpoint to resume from .*--resume off"):
         train(tiny_config("dino", tmp_path, max_steps=4))
+    capsys.readouterr()
+    assert main(["train", "dino", "--preset", "tiny", "--output-dir", str(tmp_path / "dino"), "--depth", "1",
+                 "--knn", "off", "--progress", "off", "--workers", "0", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("fastssl train: error: no readable checkpoint to resume from")
+    assert "Traceback" not in err
+
+
+class RunsCodeWhenUnpickled:
+    """What a hostile checkpoint holds: unpickling it calls exec (here: writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_checkpoint_that_would_run_code_is_refused(zip_format, tmp_path, capsys):
+    marker, checkpoint = tmp_path / "marker", tmp_path / "dino" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"step": 1, "models": RunsCodeWhenUnpickled(marker)}, checkpoint,
+               _use_new_zipfile_serialization=zip_format)
+    refusal = f"refusing to load {checkpoint}: unpickling it would call (builtins.)?exec, which can run code"
+    with pytest.raises(CheckpointError, match=refusal):
+        load_checkpoint(str(checkpoint))
+    # Refused, not skipped for an older file: it was not written by the trainer.
+    torch.save({"step": 0}, tmp_path / "dino" / "checkpoint.previous.pt")
+    with pytest.raises(CheckpointError, match=refusal):
+        load_newest_readable(str(checkpoint))
+    assert main(["train", "dino", "--preset", "tiny", "--output-dir", str(checkpoint.parent), "--depth", "1",
+                 "--knn", "off", "--progress", "off", "--workers", "0", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"fastssl train: error: refusing to load {checkpoint}")
+    assert "Traceback" not in err
+    assert not marker.exists()
+    torch.load(checkpoint, weights_only=False)  # the file is live: a trusting load runs its code
+    assert marker.read_text() == "ran"
+
+
+def test_rng_states_round_trip_through_weights_only_loads(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    np.random.seed(5)
+    np.random.normal()  # a cached Gaussian in NumPy's state
+    atomic_save({"step": 1, "rng": rng_state()}, path)
+    expected = np.random.normal(size=3), torch.rand(3)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []  # loadable by a plain torch.load
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (np.random.normal(size=3) == expected[0]).all() and torch.equal(torch.rand(3), expected[1])
+    # Checkpoints written before NumPy's key became a tensor hold NumPy's own state tuple: still loaded,
+    # with NumPy's array types allowed during that load only.
+    np.random.seed(5)
+    np.random.normal()
+    older = dict(rng_state(), numpy=np.random.get_state())
+    atomic_save({"step": 1, "rng": older}, path)
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (np.random.normal(size=3) == expected[0]).all()
+    assert not any(getattr(entry, "__module__", "").startswith("numpy")
+                   for entry in torch.serialization.get_safe_globals())
 
 
 @pytest.mark.parametrize("option,value,message", [
