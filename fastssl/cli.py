@@ -1,4 +1,5 @@
-"""Command line: ``fastssl info``, ``fastssl train``, ``fastssl bench e2e`` and ``fastssl bench gpu-session``."""
+"""Command line: ``fastssl info``, ``fastssl train``, ``fastssl plan``, ``fastssl bench e2e`` and
+``fastssl bench gpu-session``."""
 
 from __future__ import annotations
 
@@ -125,6 +126,34 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastssl.devices import TARGETS
+
+    add_train_arguments(parser)
+    parser.add_argument("--gpu", required=True, choices=sorted(TARGETS), help="the GPU to plan for")
+    parser.add_argument("--memory-gb", type=float, help="its memory, where it comes in sizes (A100: 40 or 80)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from fastssl.plan import PATHS, format_plan, plan
+    from fastssl.train import resolve_config
+
+    options = ("command", "method", "preset", "gpu", "memory_gb", "json")
+    overrides = {key: value for key, value in vars(args).items() if key not in options}
+    try:
+        config = resolve_config(args.method, args.preset, **overrides)
+        paths = tuple(PATHS) if args.kernels is None else (f"kernels_{'on' if args.kernels else 'off'}",)
+        result = plan(config, args.gpu, args.memory_gb, paths)
+    except ValueError as error:
+        print(f"fastssl plan: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from fastssl.train import bench_e2e
 
@@ -158,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="versions, devices and available backends (with reasons)")
     add_train_arguments(commands.add_parser(
         "train", help="train DINO, SwAV, Barlow Twins or NeCo (torchrun for several processes)"))
+    add_plan_arguments(commands.add_parser(
+        "plan", help="a training step's memory and work at any size on a chosen GPU, predicted without one "
+                     "(kernels off and on; the largest batch that fits)"))
     add_bench_arguments(commands.add_parser(
         "bench", help="the end-to-end benchmark, or the GPU session (every benchmark at once: "
                       "python benchmarks/run_all.py)"))
@@ -170,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(info())
     elif args.command == "train":
         return run_train(args)
+    elif args.command == "plan":
+        return run_plan(args)
     elif args.command == "bench":
         from fastssl.train import bench_e2e
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastssl.nn.attention import BlockDiagonalMask, packed_attention
@@ -126,14 +127,19 @@ class PackedViT(nn.Module):
     :func:`embed_tokens`); returns the final normalized tokens
     per group, [(b_i, n_i, C)] in order (CLS at index 0, then registers, then patches), equal
     to ``vit.forward_features`` run per group.
+
+    ``checkpoint_blocks``: keep only each block's input for backward and recompute the block
+    there (activation checkpointing): the activations of one block at a time instead of all,
+    for one more forward of the blocks.
     """
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, checkpoint_blocks: bool = False):
         super().__init__()
         if hasattr(vit, "patch_embed") and hasattr(vit, "_pos_embed") and not getattr(vit, "dynamic_img_size", True):
             raise ValueError("a timm VisionTransformer must be built with dynamic_img_size=True to take "
                              "several resolutions")
         self.vit = vit
+        self.checkpoint_blocks = checkpoint_blocks
 
     def embed(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         return embed_tokens(self.vit, images, masks)
@@ -147,5 +153,14 @@ class PackedViT(nn.Module):
             raise ValueError(f"masks must hold one entry per crop group ({len(crops)}), got {len(masks)}")
         x, mask = pack_crops([self.embed(images, group_masks) for images, group_masks in zip(crops, masks)])
         for block in _flat_blocks(self.vit.blocks):
-            x = packed_block_forward(block, x, mask)
+            x = run_block(packed_block_forward, block, x, mask, checkpoint=self.checkpoint_blocks)
         return unpack_crops(self.vit.norm(x), mask)
+
+
+def run_block(forward, block: nn.Module, *inputs, checkpoint: bool):
+    """``forward(block, *inputs)``; with ``checkpoint`` (and gradients on), its activations are
+    not kept but recomputed in backward (stochastic depth replays the same draws: the RNG
+    state is restored for the recompute)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, block, *inputs, use_reentrant=False)
+    return forward(block, *inputs)

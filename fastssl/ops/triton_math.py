@@ -4,12 +4,17 @@ import torch
 import triton
 import triton.language as tl
 
+from fastssl.devices import target_of
+
 
 def programs_per_wave(device: torch.device, elsewhere: int) -> int:
     """How many programs a launch that splits its work freely should aim for: four per SM
-    (a few waves) on a GPU, ``elsewhere`` under the interpreter."""
+    (a few waves) on a GPU and on meta tensors (``fastssl plan``: the planned GPU's, see
+    :func:`fastssl.devices.target_of`), ``elsewhere`` under the interpreter."""
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta":
+        return 4 * target_of(device).multiprocessors
     return elsewhere
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
         "help": "vit_{tiny,small,base,large}[_patchN][_regN] (timm) or resnet18/resnet50 (torchvision)"})
     depth: int = field(default=12, metadata={"help": "ViT blocks"})
     drop_path: float = 0.1
+    checkpoint_blocks: bool = field(default=False, metadata={
+        "help": "ViTs: recompute each block in backward instead of keeping its activations (the activations "
+                "of one block at a time, for one more forward of the blocks; fastssl plan shows the memory)"})
     layer_scale: float = field(default=0.0, metadata={"help": "ViT LayerScale's initial value (0: no LayerScale)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "backbone checkpoint path (NeCo: DINOv2 ViT)"})
     out_dim: int = field(default=65536, metadata={"help": "DINO prototypes / SwAV prototypes / Barlow projector"})
@@ -258,6 +261,8 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     elif config.arch not in RESNET_ARCHS:
         raise ValueError(f"unknown arch {config.arch!r}; expected vit_{{tiny,small,base,large}}[_patchN][_regN] "
                          f"or one of {', '.join(RESNET_ARCHS)}")
+    elif config.checkpoint_blocks:
+        raise ValueError(f"--checkpoint-blocks recomputes ViT blocks; {config.arch} is a ResNet")
     if config.centering not in ("centering", "sinkhorn_knopp"):
         raise ValueError(f"--centering must be centering or sinkhorn_knopp, got {config.centering!r}")
     if config.method in ("dino", "dinov2", "neco") and not config.is_vit:
@@ -278,6 +283,10 @@ def validate(config: TrainConfig, world_size: int = 1) -> None:
     if config.micro_batch is not None and per_process % config.micro_batch:
         raise ValueError(f"--micro-batch {config.micro_batch} must divide the {per_process} images of each "
                          f"process's batch (--batch-size {config.batch_size} over {world_size} processes)")
+    queue_rows = config.swav_queue_length // world_size
+    if config.method == "swav" and 0 < queue_rows < per_process:
+        raise ValueError(f"--swav-queue-length {config.swav_queue_length} holds {queue_rows} rows per process, fewer "
+                         f"than its {per_process} images per step: use a longer queue")
     if config.method in ("swav", "barlow", "simclr") and config.micro_batch == 1:
         raise ValueError(f"{config.method}'s network normalizes over the micro-batch: use --micro-batch 2 or more")
     if config.optimizer not in ("adamw", "lars", "sgd"):

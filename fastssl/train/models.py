@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastssl.nn import PackedViT
-from fastssl.nn.packed_vit import embed_tokens
+from fastssl.nn.packed_vit import embed_tokens, run_block
 from fastssl.train.config import TrainConfig
 
 
@@ -73,13 +73,16 @@ class MultiCropBackbone(nn.Module):
     """``forward(groups)`` -> one output per crop group: (b_i, n_i, C) final tokens of a ViT
     (CLS first, then registers, then patches), or (b_i, C) pooled features of a ResNet."""
 
-    def __init__(self, backbone: nn.Module, packed: bool):
+    def __init__(self, backbone: nn.Module, packed: bool, checkpoint_blocks: bool = False):
         super().__init__()
         self.backbone = backbone
         self.is_vit = hasattr(backbone, "blocks")
+        self.checkpoint_blocks = checkpoint_blocks
+        if checkpoint_blocks and not self.is_vit:
+            raise ValueError("checkpoint_blocks recomputes ViT blocks; this backbone has none")
         # Not registered as a submodule: it holds no weights of its own, and registering it
         # would list the backbone's weights twice in state dicts (under backbone.* and packed.vit.*).
-        self.__dict__["packed"] = PackedViT(backbone) if packed and self.is_vit else None
+        self.__dict__["packed"] = PackedViT(backbone, checkpoint_blocks) if packed and self.is_vit else None
 
     @property
     def prefix_tokens(self) -> int:
@@ -93,10 +96,16 @@ class MultiCropBackbone(nn.Module):
             return self.packed(list(groups), masks)
         if not self.is_vit:
             return [self.backbone(images) for images in groups]
-        if masks is None:
+        if masks is None and not self.checkpoint_blocks:
             return [self.backbone.forward_features(images) for images in groups]
-        vit = self.backbone  # timm's forward_features, with the masks applied to the patch embeddings
-        return [vit.norm(vit.blocks(embed_tokens(vit, images, mask))) for images, mask in zip(groups, masks)]
+        # timm's forward_features, with the masks applied to the patch embeddings
+        masks = [None] * len(groups) if masks is None else masks
+        return [self._blocks(embed_tokens(self.backbone, images, mask)) for images, mask in zip(groups, masks)]
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.backbone.blocks:
+            x = run_block(lambda module, tokens: module(tokens), block, x, checkpoint=self.checkpoint_blocks)
+        return self.backbone.norm(x)
 
     def features(self, images: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
         """(B, C) image features for evaluation: pooled ResNet features; of a ViT, the CLS
@@ -169,4 +178,4 @@ def build_backbone(config: TrainConfig, packed: bool) -> MultiCropBackbone:
     backbone = build_vit(config) if config.is_vit else build_resnet(config)
     if config.pretrained is not None:
         load_pretrained(backbone, config.pretrained)
-    return MultiCropBackbone(backbone, packed)
+    return MultiCropBackbone(backbone, packed, config.checkpoint_blocks)
