@@ -62,7 +62,9 @@ def make_cases(device, smoke, args):
          Contender("timm per resolution (SDPA)", training_step(per_resolution, model, crops, device))],
         min_flops=6 * params * tokens + int(3.5 * attention),
         params={"crops": groups, "tokens": tokens},
-        speedup_goals={"timm per resolution (SDPA)": 1.3},
+        # half the gain the step's composition allows: attention is 14% of the ViT's modeled
+        # step at DINO's crops (benchmarks/results/model/plan.json), a bound of 1.16x
+        speedup_goals={"timm per resolution (SDPA)": 1.08},
     )]
 
 

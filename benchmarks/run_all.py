@@ -24,7 +24,7 @@ REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 NO_RESULTS = "No GPU numbers have been taken yet."
-SHOWN_ELSEWHERE = {"train_quality.md", "micro_batch.md"}  # tables in the README's trainer section
+SHOWN_ELSEWHERE = {"train_quality.md", "micro_batch.md", "plan.md"}  # tables in the README's trainer section
 
 
 def scripts() -> list[Path]:

@@ -739,13 +739,14 @@ def component_report(step: StepPlan, throughput: Throughput) -> dict[str, dict]:
 PATHS = {"kernels_off": False, "kernels_on": True}
 
 
-def plan(config: TrainConfig, gpu: str, memory_gb: Optional[float] = None, paths=tuple(PATHS),
-         global_batch: Optional[int] = None) -> dict:
+def plan(config: TrainConfig, gpu: str, memory_gb: Optional[float] = None, paths=tuple(PATHS)) -> dict:
     """The plan of ``config``'s step on one ``gpu`` (a name of :data:`fastssl.devices.TARGETS`),
     with kernels off (the original ops) and on: one JSON-ready object."""
     if gpu not in TARGETS or gpu not in THROUGHPUT:
         raise ValueError(f"unknown GPU {gpu!r}; expected one of {', '.join(THROUGHPUT)}")
-    memory_gb = memory_gb or TARGETS[gpu].memory_gb
+    memory_gb = TARGETS[gpu].memory_gb if memory_gb is None else memory_gb
+    if memory_gb <= 0:
+        raise ValueError(f"the GPU's memory must be positive, got {memory_gb} GB")
     capacity = usable_bytes(memory_gb)
     dtype = autocast_dtype(gpu) if config.amp else None
     result = {
@@ -760,18 +761,17 @@ def plan(config: TrainConfig, gpu: str, memory_gb: Optional[float] = None, paths
     for path in paths:
         model = StepModel(config, PATHS[path], dtype, sample, gpu)
         step = model.step(config.batch_size, config.micro_batch)
+        largest = model.max_batch(capacity)
         result[path] = {
             "peak_bytes": step.peak_bytes, "categories": step.categories,
             "activations_by_component": step.activations,
             "fits": step.peak_bytes <= capacity,
-            "max_batch_per_gpu": model.max_batch(capacity),
-            "micro_batch_needed": model.micro_batch_for(capacity, config.batch_size),
+            "max_batch_per_gpu": largest,
+            # a micro-batch step holds at least what a batch of that size does
+            "micro_batch_needed": model.micro_batch_for(capacity, config.batch_size) if largest else None,
             "flops": sum(step.totals(c)[0] for c in COMPONENTS),
             "components": component_report(step, THROUGHPUT[gpu]),
         }
-        if global_batch is not None:
-            result[path]["global_batch"] = global_batch
-            result[path]["micro_batch_for_global_batch"] = model.micro_batch_for(capacity, global_batch)
     return result
 
 
@@ -800,9 +800,6 @@ def format_plan(result: dict) -> str:
     lines.append(f"{'largest batch per GPU':<28}" + "".join(f"{result[p]['max_batch_per_gpu']:>16}" for p in paths))
     lines.append(f"{'micro-batch for this batch':<28}" +
                  "".join(f"{str(result[p]['micro_batch_needed'] or 'none fits'):>16}" for p in paths))
-    if "global_batch" in result[paths[0]]:
-        lines.append(f"{'micro-batch, global batch':<28}" +
-                     "".join(f"{str(result[p]['micro_batch_for_global_batch'] or 'none fits'):>16}" for p in paths))
     lines.append(f"{'TFLOP per step':<28}" + "".join(f"{result[p]['flops'] / 1e12:>16.2f}" for p in paths))
     lines += ["", "work by component (modeled time: each op at its roofline on this GPU; share of the step; "
                   "speed-up bound if it cost nothing)"]

@@ -34,7 +34,10 @@ SMALL.update(batch_size=plan.SAMPLE_IMAGES, drop_path=0.0, local_crops=2)
 
 def small_settings(method: str) -> dict:
     arch = "resnet18" if method in ("swav", "barlow", "simclr") else "vit_tiny_patch8"
-    return dict(SMALL, arch=arch, local_crops=0 if method in ("barlow", "simclr") else SMALL["local_crops"])
+    settings = dict(SMALL, arch=arch, local_crops=0 if method in ("barlow", "simclr") else SMALL["local_crops"])
+    if method == "neco":  # two views and sorts of 4: its sorting kernels are the interpreter's slowest
+        settings.update(local_crops=0, neco_aligned_side=2)
+    return settings
 
 
 def small_config(method: str, **overrides):
@@ -50,15 +53,14 @@ def run_cli(*argv: str) -> str:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_cli_json_for_every_method(method):
-    result = json.loads(run_cli(method, *_small_arguments(method), "--gpu", "rtx4090", "--memory-gb", "1.1", "--json"))
+    result = json.loads(run_cli(method, *_small_arguments(method), "--gpu", "rtx4090", "--memory-gb", "1.0", "--json"))
     assert result["method"] == method and result["dtype"] == "bfloat16"
     for path in ("kernels_off", "kernels_on"):
         part = result[path]
         assert part["peak_bytes"] == sum(part["categories"].values()) > 0
         assert set(part["categories"]) == set(plan.CATEGORIES)
-        # 1.1 GB leave 90 MB: the small ViTs fit a few images, the ResNets' weights take most of it
-        assert part["fits"] == (part["max_batch_per_gpu"] >= plan.SAMPLE_IMAGES)
-        assert part["fits"] == (part["micro_batch_needed"] == plan.SAMPLE_IMAGES)
+        # 1 GB is all CUDA context: nothing fits (the searches themselves: test_max_batch_...)
+        assert not part["fits"] and part["max_batch_per_gpu"] == 0 and part["micro_batch_needed"] is None
         assert part["flops"] > 0
         assert set(part["components"]) == set(plan.COMPONENTS)
         assert sum(c["share"] for c in part["components"].values()) == pytest.approx(1.0)
@@ -94,6 +96,8 @@ def test_unknown_gpu_and_bad_options():
         cli.main(["plan", "dino", "--gpu", "k80"])
     with pytest.raises(ValueError, match="unknown GPU"):
         plan.plan(small_config("dino"), "k80")
+    with pytest.raises(ValueError, match="must be positive"):
+        plan.plan(small_config("dino"), "t4", memory_gb=0)
     with pytest.raises(ValueError, match="ResNet"):
         small_config("simclr", arch="resnet18", checkpoint_blocks=True)
 
@@ -240,3 +244,15 @@ def test_max_batch_and_micro_batch_search():
     micro = model.micro_batch_for(whole * 0.8, largest * 2)
     assert micro is not None and micro < largest * 2 and (largest * 2) % micro == 0
     assert model.fits(whole * 0.8, largest * 2, micro)
+
+
+def test_end_to_end_goals_are_within_the_plans_bound():
+    """bench_e2e's step speed-up goals are half the gain the plan's Amdahl bound allows
+    (benchmarks/results/model/plan.json: attention and the losses costing nothing)."""
+    from fastssl.benchmark import REPO_ROOT
+    from fastssl.train.bench_e2e import RECIPES
+
+    recipes = json.loads((REPO_ROOT / "benchmarks" / "results" / "model" / "plan.json").read_text())["recipes"]
+    for name, recipe in RECIPES.items():
+        bound = recipes[name]["speedup_bound"]
+        assert 1.0 < recipe.goal <= 1.0 + (bound - 1.0) / 2 + 0.005, name
