@@ -199,7 +199,8 @@ def test_peak_memory_falls_with_the_micro_batch(method_name, tmp_path):
     at once are one micro-batch's, so the peak grows by the same amount each time the
     micro-batch grows by the same number of images (gradients and the cached outputs, N x D,
     stay), and at 4 of 64 images it is below the whole batch's."""
-    config = tiny_config(method_name, tmp_path, batch_size=64, train_images_per_class=64, **EXACT)
+    config = tiny_config(method_name, tmp_path, batch_size=64, train_images_per_class=64,
+                         **{**EXACT, "swav_queue_length": 64})  # a queue holds at least one batch
     method = build_method(config, True)
     batch = first_batch(method, config)
 
