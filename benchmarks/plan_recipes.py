@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastssl.benchmark import current_commit, readme_table_from, replace_marked_section
-from fastssl.plan import GB, THROUGHPUT, StepModel, autocast_dtype, component_report, sample_metadata, usable_bytes
+from fastssl.plan import GB, THROUGHPUT, StepModel, autocast_dtype, sample_metadata, step_report, usable_bytes
 from fastssl.train.bench_e2e import RECIPES as E2E_RECIPES
 from fastssl.train.bench_e2e import recipe_config
 from fastssl.train.config import resolve_config
@@ -64,27 +64,20 @@ def plan_recipe(recipe: PlanRecipe) -> dict:
     sample = sample_metadata(config)
     row = {"title": recipe.title, "method": config.method, "batch_per_gpu": config.batch_size,
            "global_batch": recipe.global_batch}
-    for path, kernels in (("kernels_off", False), ("kernels_on", True)):
-        model = StepModel(config, kernels, dtype, sample, TIMING_GPU)
+    paths = [("kernels_off", config, False), ("kernels_on", config, True)]
+    if config.is_vit:  # the packed ViT's saved activations are most of the peak: with blocks recomputed
+        paths.append(("kernels_on_checkpointed", dataclasses.replace(config, checkpoint_blocks=True), True))
+    for path, path_config, kernels in paths:
+        model = StepModel(path_config, kernels, dtype, sample, TIMING_GPU)
         step = model.step(config.batch_size)
         row[path] = {
-            "peak_bytes": step.peak_bytes, "categories": step.categories, "activations_by_component": step.activations,
+            **step_report(step, THROUGHPUT[TIMING_GPU]),
             "max_batch_per_gpu": {gpu: model.max_batch(usable_bytes(memory)) for gpu, memory in GPUS},
-            "components": component_report(step, THROUGHPUT[TIMING_GPU]),
         }
-        if kernels and recipe.global_batch is not None:
+        if path == "kernels_on" and recipe.global_batch is not None:
             capacity = usable_bytes(dict(GPUS)[SMALL_GPU])
             row[path]["micro_batch_for_global_batch"] = model.micro_batch_for(capacity, recipe.global_batch)
         print(f"  {path}: peak {step.peak_bytes / GB:.2f} GB, max batch {row[path]['max_batch_per_gpu']}", flush=True)
-    if config.is_vit:  # the packed ViT's saved activations are most of the peak: with blocks recomputed
-        model = StepModel(dataclasses.replace(config, checkpoint_blocks=True), True, dtype, sample, TIMING_GPU)
-        step = model.step(config.batch_size)
-        row["kernels_on_checkpointed"] = {
-            "peak_bytes": step.peak_bytes, "categories": step.categories, "activations_by_component": step.activations,
-            "max_batch_per_gpu": {gpu: model.max_batch(usable_bytes(memory)) for gpu, memory in GPUS},
-            "components": component_report(step, THROUGHPUT[TIMING_GPU]),
-        }
-        print(f"  checkpointed: peak {step.peak_bytes / GB:.2f} GB", flush=True)
     off = row["kernels_off"]["components"]
     owned = off["attention"]["share"] + off["loss"]["share"]
     row["fastssl_share"] = owned

@@ -736,6 +736,12 @@ def component_report(step: StepPlan, throughput: Throughput) -> dict[str, dict]:
     return report
 
 
+def step_report(step: StepPlan, throughput: Throughput) -> dict:
+    """A step's memory (peak, categories, activations by component) and work per component."""
+    return {"peak_bytes": step.peak_bytes, "categories": step.categories,
+            "activations_by_component": step.activations, "components": component_report(step, throughput)}
+
+
 PATHS = {"kernels_off": False, "kernels_on": True}
 
 
@@ -763,14 +769,12 @@ def plan(config: TrainConfig, gpu: str, memory_gb: Optional[float] = None, paths
         step = model.step(config.batch_size, config.micro_batch)
         largest = model.max_batch(capacity)
         result[path] = {
-            "peak_bytes": step.peak_bytes, "categories": step.categories,
-            "activations_by_component": step.activations,
+            **step_report(step, THROUGHPUT[gpu]),
             "fits": step.peak_bytes <= capacity,
             "max_batch_per_gpu": largest,
             # a micro-batch step holds at least what a batch of that size does
             "micro_batch_needed": model.micro_batch_for(capacity, config.batch_size) if largest else None,
             "flops": sum(step.totals(c)[0] for c in COMPONENTS),
-            "components": component_report(step, THROUGHPUT[gpu]),
         }
     return result
 
